@@ -1,0 +1,63 @@
+"""Loading a run's ``checkpoint.pt`` back into a learner, e.g. for ``locallearn eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from locallearn.config import RunConfig, from_dict
+from locallearn.data import build_data
+from locallearn.errors import UserError
+from locallearn.learner import LocalLearner
+from locallearn.metrics import resolve_device
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``locallearn train`` (tensors and plain data only: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: pass the checkpoint.pt of a finished run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise UserError(
+            f"checkpoint {path} could not be read ({err.__class__.__name__}): it is damaged or not a "
+            "locallearn checkpoint; use another run's checkpoint.pt"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "learner" not in ckpt:
+        raise UserError(f"{path} is not a locallearn checkpoint (format 1): use a checkpoint.pt from locallearn train")
+    return ckpt
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, data_dir: str | None = None, device: str = "auto", batch_size: int | None = None
+) -> dict[str, Any]:
+    """Rebuild the run's model, method and split from the checkpoint's config and evaluate on its test set."""
+    from locallearn.runner import build_learner  # runner imports this module's neighbours; avoid a cycle
+
+    ckpt = load_checkpoint(path)
+    cfg: RunConfig = from_dict(ckpt["config"])
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
+    dev = resolve_device(device)
+    _, test_loader, info = build_data(
+        cfg.data,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        device=dev,
+        eval_batch_size=batch_size or cfg.train.eval_batch_size,
+    )
+    learner: LocalLearner = build_learner(cfg, info, dev, None, 1)
+    learner.load_state_dict(ckpt["learner"])
+    report = learner.evaluate(test_loader)
+    return {
+        "checkpoint": str(path),
+        "method": cfg.train.method,
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.name,
+        "K": len(learner.blocks),
+        "step": learner.step,
+        **report,
+    }

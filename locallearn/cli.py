@@ -1,0 +1,164 @@
+"""The ``locallearn`` command: ``train``, ``eval`` and ``list``.
+
+Bad input (an unknown name, a missing file, a K that does not fit) prints one ``error:`` line naming the problem and
+the fix, and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from locallearn.errors import UserError
+
+# named flag -> config field; every other field is reachable as --section.key=value
+TRAIN_FLAGS = {
+    "dataset": "data.name",
+    "data_dir": "data.data_dir",
+    "limit_train": "data.limit_train",
+    "limit_test": "data.limit_test",
+    "image_size": "data.image_size",
+    "in_channels": "data.in_channels",
+    "num_classes": "data.num_classes",
+    "workers": "data.workers",
+    "arch": "model.arch",
+    "method": "train.method",
+    "K": "train.K",
+    "split": "train.split",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "seed": "train.seed",
+    "device": "train.device",
+    "out": "train.out",
+    "amp": "train.amp",
+    "step_order": "train.step_order",
+}
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a network as K gradient-isolated blocks",
+        description="Train a network with a local-learning method. Any config field can also be set "
+        "as --section.key=value (e.g. --optim.warmup_epochs=10 --method.n_conv=2).",
+    )
+    p.add_argument("--config", help="YAML config file (see configs/); flags given here override it")
+    p.add_argument("--dataset", help="fashion-mnist (default), cifar10, svhn, stl10, synthetic")
+    p.add_argument("--data-dir", help="dataset root (torchvision's layout)")
+    p.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
+    p.add_argument("--limit-train", type=int, help="use the first N training examples (default 10000)")
+    p.add_argument("--limit-test", type=int, help="use the first N test examples")
+    p.add_argument("--image-size", type=int, help="synthetic: image side")
+    p.add_argument("--in-channels", type=int, help="synthetic: image channels")
+    p.add_argument("--num-classes", type=int, help="synthetic: classes")
+    p.add_argument("--workers", type=int, help="data loader workers (file-backed datasets)")
+    p.add_argument("--arch", help="resnet20, resnet32 (default), resnet56, resnet110")
+    p.add_argument("--method", help="e2e, dgl (default), …: see `locallearn list`")
+    p.add_argument("--K", type=int, help="number of gradient-isolated blocks (default: 1 for e2e, else 4)")
+    p.add_argument("--split", help="even (default) or a preset of published cuts: infopro, infopro-balanced, man")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=["none", "bf16"])
+    p.add_argument("--step-order", choices=["per_block", "after_all"])
+    p.add_argument("--out", help="run directory (default runs/<time>-<method>-<arch>-K<k>)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="allow a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def build_config(args: argparse.Namespace, overrides: list[str]):
+    from locallearn.config import RunConfig, apply_overrides, load_yaml, set_field
+
+    cfg = RunConfig()
+    if args.config:
+        load_yaml(cfg, args.config)
+    for flag, dotted in TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            set_field(cfg, dotted, value)
+    if args.download:
+        cfg.data.download = True
+    if args.overwrite:
+        cfg.train.overwrite = True
+    if args.no_progress or args.quiet:
+        cfg.train.progress = False
+    bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
+    if bad:
+        raise UserError(
+            f"unrecognised argument(s) {' '.join(bad)}: see `locallearn train --help`, or set a config "
+            "field with --section.key=value"
+        )
+    apply_overrides(cfg, [o[2:] for o in overrides])
+    return cfg
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from locallearn.runner import train
+
+    cfg = build_config(args, overrides)
+    _print_summary(train(cfg))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from locallearn.checkpoint import evaluate_checkpoint
+
+    _print_summary(evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device))
+
+
+def cmd_list(_: argparse.Namespace) -> None:
+    from locallearn.data import DATASETS
+    from locallearn.methods import METHODS
+    from locallearn.models import MODELS, split_names
+
+    print("archs:    ", ", ".join(MODELS.names()))
+    print("methods:  ", ", ".join(METHODS.names()))
+    print("datasets: ", ", ".join(DATASETS.names()))
+    print("splits:   ", ", ".join(split_names()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="locallearn", description="Supervised local learning for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p_eval = sub.add_parser("eval", help="evaluate a saved checkpoint on its test set")
+    p_eval.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
+    p_eval.add_argument("--data-dir", help="dataset root, if it moved since training")
+    p_eval.add_argument("--device", default="auto")
+    sub.add_parser("list", help="list architectures, methods, datasets and splits")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "train":
+            cmd_train(args, rest)
+        elif args.command == "eval":
+            cmd_eval(args)
+        else:
+            cmd_list(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Typed run configuration: dataclasses, an optional YAML file, and ``--section.key=value`` overrides.
+
+Precedence, lowest first: dataclass defaults < YAML file (``--config``) < the CLI's named flags < dotted overrides.
+Values of dotted overrides are read with ``ast.literal_eval`` (so ``--optim.lr=0.05`` is a float and
+``--data.limit_train=None`` is None; anything that is not a Python literal is kept as a string) and checked against
+the field's annotation. The ``method`` section is a free dict, checked by the chosen method's own config dataclass.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from locallearn.data import DataConfig
+from locallearn.errors import UserError
+from locallearn.optim import OptimConfig
+
+
+@dataclass
+class ModelConfig:
+    """Attributes:
+    arch: registered architecture (resnet20/32/56/110, …).
+    """
+
+    arch: str = "resnet32"
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+    method: registered local-learning method (e2e, dgl, …).
+    K: number of gradient-isolated blocks actually trained; None means 1 for e2e and 4 otherwise.
+    split: "even" or a named preset of published cut points ("infopro", "infopro-balanced", "man").
+    epochs: passes over the training set.
+    max_steps: stop after this many optimizer steps (None: run all epochs).
+    batch_size: training batch size.
+    eval_batch_size: test batch size.
+    seed: seeds weights, data order and augmentation.
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ….
+    amp: "none" or "bf16" autocast.
+    step_order: "per_block" (each block steps after its own backward) or "after_all" (reference order).
+    out: run directory (None: runs/<time>-<method>-<arch>-K<k>).
+    overwrite: allow writing into a non-empty run directory.
+    save_checkpoint: write checkpoint.pt at the end.
+    progress: show a progress bar.
+    """
+
+    method: str = "dgl"
+    K: int | None = None
+    split: str = "even"
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    step_order: str = "per_block"
+    out: str | None = None
+    overwrite: bool = False
+    save_checkpoint: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=lambda: DataConfig(limit_train=10000))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_k(self) -> int | None:
+        if self.train.K is not None:
+            return self.train.K
+        return 1 if self.train.method == "e2e" else (4 if self.train.split == "even" else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("data", "model", "optim", "train")
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    if isinstance(annotation, (types.UnionType,)) or typing.get_origin(annotation) is typing.Union:
+        return tuple(t for arg in typing.get_args(annotation) for t in _allowed_types(arg))
+    if annotation is type(None):
+        return (type(None),)
+    return (typing.get_origin(annotation) or annotation,)
+
+
+def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
+    """Set ``section.key`` to ``value``, checking the type against the dataclass annotation."""
+    section, _, key = dotted.partition(".")
+    if section == "method":
+        if not key:
+            raise UserError("a method override needs a key: --method.<option>=<value>")
+        cfg.method[key] = value
+        return
+    if section not in SECTIONS or not key:
+        raise UserError(
+            f"unknown config field {dotted!r}: use section.key with a section from {', '.join((*SECTIONS, 'method'))}"
+        )
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        names = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise UserError(f"unknown config field {dotted!r}: {section} has {names}")
+    allowed = _allowed_types(hints[key])
+    if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
+        value = float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        kinds = " or ".join(t.__name__ for t in allowed)
+        raise UserError(f"config field {dotted} should be {kinds}, got {value!r}")
+    setattr(obj, key, value)
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
+    """Apply ``section.key=value`` strings (the leading ``--`` already stripped)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r} needs a value: write --{key}=VALUE")
+        set_field(cfg, key, parse_value(text))
+
+
+def apply_dict(cfg: RunConfig, tree: dict[str, Any], source: str) -> None:
+    """Apply a nested dict such as a parsed YAML file: ``{"optim": {"lr": 0.8}, "method": {...}}``."""
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping of key: value")
+        for key, value in values.items():
+            set_field(cfg, f"{section}.{key}", value)
+
+
+def load_yaml(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass the path of a YAML file (see configs/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML ({err.__class__.__name__}): fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (data, model, optim, train, method)")
+    apply_dict(cfg, tree, str(path))
+
+
+def from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Rebuild a ``RunConfig`` from ``to_dict()`` output (e.g. the one stored in a checkpoint)."""
+    cfg = RunConfig()
+    apply_dict(cfg, tree, "checkpoint config")
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,51 @@
+"""In-memory datasets and batched on-device augmentation.
+
+Small datasets are loaded whole as uint8 ``[N, C, H, W]`` tensors (:func:`load_arrays`) and served by an
+:class:`InMemoryLoader` whose order and augmentation are a pure function of ``(seed, epoch)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from locallearn.data.config import DataConfig
+from locallearn.data.datasets import DATASETS, load_arrays
+from locallearn.data.info import DatasetInfo
+from locallearn.data.loader import Batch, InMemoryLoader
+
+__all__ = ["DATASETS", "Batch", "DataConfig", "DatasetInfo", "InMemoryLoader", "build_data", "load_arrays"]
+
+
+def build_data(
+    cfg: DataConfig,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    eval_batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[InMemoryLoader, InMemoryLoader, DatasetInfo]:
+    """Load ``cfg``'s dataset and wrap it in a train and a test loader.
+
+    Args:
+        cfg: The data configuration.
+        batch_size: Training batch size (the last short batch is dropped).
+        seed: Seed of the training order and augmentation (with the epoch, see :meth:`InMemoryLoader.set_epoch`).
+        device: Where the data and batches live.
+        eval_batch_size: Test batch size; defaults to ``batch_size``.
+        dtype: Floating dtype of the batches.
+
+    Returns:
+        ``(train_loader, test_loader, info)``.
+
+    Raises:
+        UserError: Unknown dataset, bad option, or missing/corrupt files.
+    """
+    train_x, train_y, test_x, test_y, info = load_arrays(cfg)
+    train = InMemoryLoader(
+        train_x, train_y, info, batch_size, train=True, seed=seed, device=device, dtype=dtype, augment=cfg.augment
+    )
+    test = InMemoryLoader(
+        test_x, test_y, info, eval_batch_size or batch_size, train=False, seed=seed, device=device, dtype=dtype
+    )
+    return train, test, info

@@ -1,0 +1,188 @@
+"""``LocalLearner``: the object a user holds — a model cut into K blocks, a method, and one optimizer per block.
+
+Example::
+
+    model = locallearn.create_model("resnet32", num_classes=10, in_channels=1)
+    learner = locallearn.LocalLearner(model, method="dgl", K=4, input_shape=(1, 28, 28))
+    stats = learner.train_step(x, y)          # {"loss/0": ..., "acc/3": ...}
+    report = learner.evaluate(test_batches)   # {"test_accuracy": ..., "block_accuracies": [...]}
+
+Every bit of training state (backbone, auxiliary nets, EMA copies, optimizer momenta, step counter) is in
+``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from locallearn import engine
+from locallearn.data import Batch
+from locallearn.errors import UserError
+from locallearn.heads import Shape
+from locallearn.methods import LocalMethod, SetupInfo, create_method
+from locallearn.models import LayeredModel, describe_split, resolve_split, split_model
+from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
+
+
+class LocalLearner:
+    """Train ``model`` as K gradient-isolated blocks with a local-learning ``method``.
+
+    Args:
+        model: a :class:`LayeredModel` (see ``locallearn.create_model``).
+        method: a registered method name ("e2e", "dgl", …) or a ``LocalMethod`` instance.
+        K: number of blocks actually trained (``None``: 1 for e2e, else required by the split).
+        split: "even" or a named preset ("infopro", "man", …), or an explicit list of boundaries.
+        input_shape: (C, H, W) of one input, used to probe each block's output shape for the heads.
+        method_options: options of the method's config dataclass.
+        optim: optimizer and schedule settings.
+        total_steps: length of the run, for the schedule; ``None`` keeps the learning rate at ``optim.lr``.
+        steps_per_epoch: optimizer steps per epoch (for warm-up and epoch-unit schedules).
+        step_order: "per_block" or "after_all" (see :mod:`locallearn.engine`).
+        device: where the model and the method live.
+        amp: None or "bf16".
+    """
+
+    def __init__(
+        self,
+        model: LayeredModel,
+        method: str | LocalMethod = "dgl",
+        K: int | None = None,
+        split: str | list[int] = "even",
+        *,
+        input_shape: Shape,
+        method_options: dict[str, Any] | None = None,
+        optim: OptimConfig | None = None,
+        total_steps: int | None = None,
+        steps_per_epoch: int = 1,
+        step_order: str = "per_block",
+        device: torch.device | str = "cpu",
+        amp: str | None = None,
+    ) -> None:
+        if step_order not in engine.STEP_ORDERS:
+            raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(engine.STEP_ORDERS)}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.method = create_method(method, method_options) if isinstance(method, str) else method
+        if K is None and self.method.name == "e2e":
+            K = 1
+        self.bounds = list(split) if isinstance(split, list) else resolve_split(model, split, K)
+        self.blocks = split_model(model, self.bounds)
+        if K is not None and len(self.blocks) != K:
+            raise UserError(f"split {split!r} gives {len(self.blocks)} blocks, not K={K}")
+        self.input_shape = tuple(input_shape)
+        self.method.setup(self._probe())
+        self.method.to(self.device)
+        self.optim_cfg = optim or OptimConfig()
+        self.optimizers = build_optimizers([self.block_params(k) for k in range(len(self.blocks))], self.optim_cfg)
+        self._check_param_ownership()
+        self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
+        self.step_order, self.amp = step_order, amp
+        self.step = 0
+
+    # -- construction helpers ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _probe(self) -> SetupInfo:
+        """Run two dummy images through the blocks (eval mode, so BN statistics stay untouched)."""
+        was_training = self.model.training
+        self.model.eval()
+        h = torch.zeros(2, *self.input_shape, device=self.device)
+        shapes = []
+        for block in self.blocks:
+            h = block(h)
+            shapes.append(tuple(h.shape[1:]) if h.dim() == 4 else (h.shape[1], 1, 1))
+        self.model.train(was_training)
+        edges = [0, *self.bounds]
+        layers = self.model.layers
+        return SetupInfo(
+            blocks=self.blocks,
+            shapes=shapes,
+            num_classes=shapes[-1][0],
+            image_shape=self.input_shape,
+            layer_stages=[self.model.stage_of[e] for e in edges],
+            next_layers=[layers[b] for b in self.bounds] + [None],
+        )
+
+    def block_params(self, k: int) -> list[nn.Parameter]:
+        """What optimizer k owns: block k's parameters and its auxiliary net's."""
+        own = [p for p in self.blocks[k].parameters() if p.requires_grad]
+        return own + [p for p in self.method.block_params(k) if p.requires_grad]
+
+    def _check_param_ownership(self) -> None:
+        """Every trainable parameter belongs to exactly one optimizer; a bug here would silently freeze a layer."""
+        seen: dict[int, int] = {}
+        for k, opt in enumerate(self.optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in seen:
+                        raise RuntimeError(f"a parameter is owned by blocks {seen[id(p)]} and {k}")
+                    seen[id(p)] = k
+        trainable = [p for p in [*self.model.parameters(), *self.method.parameters()] if p.requires_grad]
+        missing = [p for p in trainable if id(p) not in seen]
+        if missing:
+            raise RuntimeError(f"{len(missing)} trainable parameters are in no optimizer (method {self.method.name})")
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def autocast(self) -> ContextManager:
+        return engine.autocast_context(self.device, self.amp)
+
+    def current_lr(self) -> float:
+        if self.total_steps is None:
+            return self.optim_cfg.lr
+        return lr_at(self.step, self.optim_cfg, self.total_steps, self.steps_per_epoch)
+
+    def train_step(self, x: Tensor | Any, y: Tensor | None = None) -> dict[str, Tensor]:
+        """One step of every block on a batch: ``x, y`` tensors, or a :class:`Batch` (whose ``raw`` un-normalised
+        images reconstruction losses need; with plain tensors ``raw`` is ``x`` itself)."""
+        batch = Batch(x, y, x) if y is not None else x
+        set_lr(self.optimizers, self.current_lr())
+        self.model.train()
+        self.method.train()
+        stats = engine.train_step(self, batch)
+        self.step += 1
+        return stats
+
+    def step_block(self, k: int) -> None:
+        self.optimizers[k].step()
+        self.optimizers[k].zero_grad(set_to_none=True)  # frees block k's gradients before block k+1 runs
+        self.method.after_step(k)
+
+    def evaluate(self, batches: Iterable) -> dict:
+        """Test accuracy and per-block auxiliary accuracies over ``batches`` (objects with ``.x`` and ``.y``)."""
+        return engine.evaluate(self, batches)
+
+    # -- reporting and state -------------------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts split into the backbone (kept for inference) and the auxiliary nets (dropped)."""
+        return {
+            "params_backbone": sum(p.numel() for p in self.model.parameters()),
+            "params_aux": sum(p.numel() for p in self.method.parameters()),
+        }
+
+    def describe(self) -> list[str]:
+        return describe_split(self.model, self.bounds)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "step": self.step,
+            "bounds": list(self.bounds),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["bounds"]) != self.bounds:
+            raise UserError(
+                f"checkpoint was trained with block boundaries {state['bounds']}, this learner has "
+                f"{self.bounds}: build the learner with the same --split and --K"
+            )
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        self.step = int(state["step"])

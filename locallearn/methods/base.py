@@ -1,0 +1,146 @@
+"""The interface every local-learning method implements, and the registry it is listed in.
+
+Data flow for one batch (the engine runs it; a method never calls ``backward`` or ``step``)::
+
+    h_0 = x
+    for k in 0..K-1:
+        h_k = block_k(h_{k-1}.detach())
+        loss_k, logits_k = method.local_loss(k, h_k, batch)   # the last block: CE on the real classifier
+        loss_k.backward(); opt_k.step(); method.after_step(k)
+
+A method owns the auxiliary networks (``nn.Module`` attributes of the method) and says which of its parameters each
+block's optimizer steps (``block_params``). Adding a method means one new file in ``locallearn/methods/`` holding a
+config dataclass and a ``LocalMethod`` subclass decorated with ``@register_method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from locallearn.errors import UserError
+from locallearn.heads import Shape
+from locallearn.registry import Registry
+
+
+@dataclass
+class MethodConfig:
+    """Options every method shares. Subclasses add their own fields."""
+
+
+@dataclass
+class SetupInfo:
+    """What a method needs to build its auxiliary networks.
+
+    Attributes:
+        blocks: the K blocks (they share the model's layers).
+        shapes: output shape (C, H, W) of each block, from one probe batch.
+        num_classes: classes of the task.
+        image_shape: (C, H, W) of the input images.
+        layer_stages: stage index of the first layer of each block (MAN ramps λ by stage).
+        next_layers: for block k < K-1 the first atomic layer of block k+1 (MAN's EMA source), else None.
+    """
+
+    blocks: list[nn.Sequential]
+    shapes: list[Shape]
+    num_classes: int
+    image_shape: Shape
+    layer_stages: list[int]
+    next_layers: list[nn.Module | None]
+
+
+class LocalOutput(NamedTuple):
+    loss: Tensor
+    logits: Tensor | None  # classifier output of this block's head, for the per-block accuracy; None if it has none
+
+
+class LocalMethod(nn.Module):
+    """Base class: the last block is trained by cross-entropy on the network's own classifier.
+
+    Subclasses implement ``build_aux`` and ``aux_loss`` for blocks ``k < K-1``; the base class handles the last block
+    so the engine has no special case (DGL's convention).
+    """
+
+    name: str = "base"
+    config_class: type[MethodConfig] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.config_class()
+        self.num_blocks = 0
+
+    # -- construction --------------------------------------------------------------------------------------------
+    def setup(self, info: SetupInfo) -> None:
+        """Build the auxiliary networks for ``info.blocks``; called once, before the optimizers are built."""
+        self.num_blocks = len(info.blocks)
+        self.build_aux(info)
+
+    def build_aux(self, info: SetupInfo) -> None:
+        """Create the heads of blocks 0..K-2 (no-op for end-to-end)."""
+
+    def block_params(self, k: int) -> list[nn.Parameter]:
+        """The method's trainable parameters that block k's optimizer owns (its auxiliary net)."""
+        return []
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def local_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
+        """Loss of block k given its output ``h``; the engine calls ``backward`` on it."""
+        if k == self.num_blocks - 1:
+            return LocalOutput(F.cross_entropy(h, batch.y), h)
+        return self.aux_loss(k, h, batch)
+
+    def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
+        raise NotImplementedError(f"{self.name} defines no auxiliary loss for block {k}")
+
+    def after_step(self, k: int) -> None:
+        """Called after block k's optimizer step (MAN's EMA update lives here)."""
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def aux_logits(self, k: int, h: Tensor) -> Tensor | None:
+        """Class scores of block k's auxiliary classifier, for per-block test accuracy; None if it has none."""
+        return None
+
+
+METHODS: Registry[type[LocalMethod]] = Registry("method")
+
+
+def register_method(name: str) -> Callable[[type[LocalMethod]], type[LocalMethod]]:
+    def decorator(cls: type[LocalMethod]) -> type[LocalMethod]:
+        cls.name = name
+        METHODS.register(name)(cls)
+        return cls
+
+    return decorator
+
+
+def build_method_config(cls: type[LocalMethod], options: dict[str, Any] | None) -> MethodConfig:
+    """Make ``cls.config_class`` from a dict, rejecting unknown keys and values of the wrong type."""
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise UserError(
+            f"method {cls.name!r} has no option(s) {', '.join(unknown)}: it takes "
+            f"{', '.join(sorted(fields)) or 'no options'}"
+        )
+    defaults = cls.config_class()
+    for key, value in options.items():
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            options[key] = float(value)
+        elif getattr(defaults, key) is not None and not isinstance(value, expected):
+            raise UserError(f"method option {key}={value!r} should be a {expected.__name__}")
+    return cls.config_class(**options)
+
+
+def create_method(name: str, options: dict[str, Any] | None = None) -> LocalMethod:
+    """``create_method("dgl", {"n_conv": 2})``: the method instance, not yet set up."""
+    cls = METHODS.get(name)
+    return cls(build_method_config(cls, options))

@@ -1,0 +1,158 @@
+"""Cutting a :class:`LayeredModel` into K gradient-isolated blocks.
+
+One convention everywhere: a split is the list of ``K-1`` *boundaries*, increasing layer indices at which a new block
+starts, so block k is ``layers[b[k-1]:b[k]]``. The classifier (the last atomic layer) always belongs to the last
+block, so each block ends on a feature layer and the largest possible K is the number of feature layers.
+
+``K`` always means the number of blocks actually trained. The papers' tables are stored as the *cut points* they
+list ("cut after block (stage, i)"), from ``shared/reference/methods.md`` §3.2 and §1.3, and keyed here by the
+true block count. Where a paper's name for a split differs, the preset says so:
+
+* ``infopro`` — InfoPro's ``configs.py`` (ICLR 2021). Its "K" equals the true count; the K=16 ResNet-32 split puts
+  the stem in a block of its own. ResNet-110 K=55 (one block per layer, as AugLocal/MAN++ use it) is included.
+* ``infopro-balanced`` — InfoPro* memory-balanced ResNet-110 cuts for CIFAR-10 (Table 3), K = 2, 3, 4.
+* ``man`` — MAN's released ``config.py`` (ECCV 2024): InfoPro's cuts *without* the stem cut, so MAN's published
+  "K=16" on ResNet-32 is ``--split man --K 15`` and its "K=55" on ResNet-110 is ``--split man --K 54``.
+* ``even`` — any K: the feature layers dealt into K contiguous groups of near-equal count.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from locallearn.errors import UserError
+from locallearn.models.layered import LayeredModel
+
+Cut = tuple[int, int]  # (stage, block index from 0); (0, 0) is the stem
+
+_R32_INFOPRO: dict[int, list[Cut]] = {
+    2: [(2, 1)],
+    3: [(1, 4), (2, 4)],
+    4: [(1, 2), (2, 1), (3, 0)],
+    8: [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)],
+    16: [(0, 0)] + [(s, i) for s in (1, 2, 3) for i in range(5) if (s, i) != (3, 4)],
+}
+_R110_INFOPRO: dict[int, list[Cut]] = {
+    2: [(2, 8)],
+    3: [(1, 17), (2, 17)],
+    4: [(1, 11), (2, 7), (3, 3)],
+    8: [(1, 4), (1, 11), (2, 0), (2, 7), (2, 14), (3, 3), (3, 10)],
+    16: [
+        (1, 1),
+        (1, 4),
+        (1, 7),
+        (1, 10),
+        (1, 13),
+        (1, 16),
+        (2, 1),
+        (2, 4),
+        (2, 7),
+        (2, 11),
+        (2, 15),
+        (3, 1),
+        (3, 5),
+        (3, 9),
+        (3, 13),
+    ],
+    55: [(0, 0)] + [(s, i) for s in (1, 2, 3) for i in range(18) if (s, i) != (3, 17)],
+}
+_R110_MAN32: list[Cut] = (
+    [(1, i) for i in (1, 2, 4, 5, 7, 9, 11, 13, 14, 16, 17)]
+    + [(2, i) for i in (1, 2, 4, 5, 7, 9, 11, 13, 14, 16, 17)]
+    + [(3, i) for i in (1, 3, 4, 6, 7, 9, 11, 13, 15)]
+)
+
+
+def _without_stem(table: dict[int, list[Cut]]) -> dict[int, list[Cut]]:
+    """MAN glues the stem to block 1: drop a stem cut, which lowers that entry's true K by one."""
+    out = {}
+    for cuts in table.values():
+        kept = [c for c in cuts if c != (0, 0)]
+        out[len(kept) + 1] = kept
+    return out
+
+
+PRESETS: dict[str, dict[str, dict[int, list[Cut]]]] = {
+    "infopro": {"resnet32": _R32_INFOPRO, "resnet110": _R110_INFOPRO},
+    "infopro-balanced": {"resnet110": {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]}},
+    "man": {"resnet32": _without_stem(_R32_INFOPRO), "resnet110": {**_without_stem(_R110_INFOPRO), 32: _R110_MAN32}},
+}
+SPLITTERS = ("even",)
+
+
+def split_names() -> list[str]:
+    return sorted([*SPLITTERS, *PRESETS])
+
+
+def even_boundaries(num_feature_layers: int, k: int) -> list[int]:
+    """Deal ``num_feature_layers`` layers into ``k`` contiguous groups whose sizes differ by at most one."""
+    return [round(i * num_feature_layers / k) for i in range(1, k)]
+
+
+def _cut_to_boundary(model: LayeredModel, cut: Cut) -> int:
+    stage, block = cut
+    if stage == 0:
+        return 1
+    indices = [i for i, s in enumerate(model.stage_of[:-1]) if s == stage]
+    return indices[block] + 1
+
+
+def resolve_split(model: LayeredModel, split: str, k: int | None) -> list[int]:
+    """Return the boundaries for ``split`` (a splitter or a named preset) with ``k`` blocks.
+
+    Raises:
+        UserError: unknown split name, a preset without this arch or K, or K outside 1..(number of feature layers).
+    """
+    num_features = model.num_layers() - 1
+    if split in PRESETS:
+        table = PRESETS[split].get(model.arch)
+        if table is None:
+            archs = ", ".join(PRESETS[split])
+            raise UserError(
+                f"split preset {split!r} has no table for {model.arch}: it covers {archs}; use --split even"
+            )
+        if k is None:
+            raise UserError(f"--split {split} needs --K: {model.arch} has presets for K = {sorted(table)}")
+        if k not in table:
+            hint = " (MAN's published 'K=16' trains 15 blocks: use --K 15)" if split == "man" and k == 16 else ""
+            raise UserError(
+                f"split preset {split!r} has no {k}-block split for {model.arch}: choose K from "
+                f"{sorted(table)}{hint}, or use --split even"
+            )
+        bounds = [_cut_to_boundary(model, c) for c in table[k]]
+    elif split == "even":
+        k = 1 if k is None else k
+        if not 1 <= k <= num_features:
+            raise UserError(
+                f"K={k} does not fit {model.arch}: it has {num_features} layers to split "
+                f"(stem, residual blocks), so choose 1 <= K <= {num_features}"
+            )
+        bounds = even_boundaries(num_features, k)
+    else:
+        raise UserError(f"unknown split {split!r}: choose one of {', '.join(split_names())}")
+    check_boundaries(model, bounds)
+    return bounds
+
+
+def check_boundaries(model: LayeredModel, bounds: list[int]) -> None:
+    """Boundaries must be strictly increasing in ``[1, L-2]`` so every block is non-empty and ends on a feature."""
+    last = model.num_layers() - 2
+    if any(b < 1 or b > last for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise UserError(f"invalid boundaries {bounds} for {model.arch}: they must increase strictly within 1..{last}")
+
+
+def split_model(model: LayeredModel, bounds: list[int]) -> list[nn.Sequential]:
+    """The K blocks as ``nn.Sequential``s that *share* the model's layers (no copies), so ``model`` stays the
+    inference network and its ``state_dict`` holds every backbone weight."""
+    check_boundaries(model, bounds)
+    edges = [0, *bounds, model.num_layers()]
+    return [nn.Sequential(*model.layers[a:b]) for a, b in zip(edges, edges[1:])]
+
+
+def describe_split(model: LayeredModel, bounds: list[int]) -> list[str]:
+    """One line per block naming its first and last layer, for logs and ``--dry-run`` style reports."""
+    edges = [0, *bounds, model.num_layers()]
+    return [
+        f"block {k}: {model.names[a]} .. {model.names[b - 1]} ({b - a} layers)"
+        for k, (a, b) in enumerate(zip(edges, edges[1:]))
+    ]

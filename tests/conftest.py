@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from locallearn.data import Batch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+
+
+def make_batches(n: int, shape=(1, 28, 28), batch_size: int = 8, num_classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        raw = torch.rand(batch_size, *shape, generator=g)
+        out.append(Batch((raw - 0.5) / 0.5, torch.randint(0, num_classes, (batch_size,), generator=g), raw))
+    return out

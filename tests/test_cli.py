@@ -1,0 +1,182 @@
+"""The command line: a full train → summary → eval round trip, and one clear line for every kind of bad input."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from locallearn.cli import main
+
+SUMMARY_KEYS = {
+    "method",
+    "arch",
+    "dataset",
+    "K",
+    "epochs",
+    "steps",
+    "test_accuracy",
+    "best_test_accuracy",
+    "block_accuracies",
+    "peak_memory_bytes",
+    "images_per_second",
+    "params_backbone",
+    "params_aux",
+    "wall_seconds",
+    "device",
+    "fingerprint",
+}
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--image-size",
+    "16",
+    "--arch",
+    "resnet20",
+    "--batch-size",
+    "16",
+    "--data.synthetic_train_size=64",
+    "--data.synthetic_test_size=32",
+    "--no-progress",
+    "--quiet",
+]
+
+
+def run_cli(args, capsys):
+    code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_writes_a_run_and_eval_reproduces_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["train", *TINY, "--method", "dgl", "--K", "3", "--epochs", "2", "--out", out], capsys)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert json.loads(stdout) == summary
+    assert summary["K"] == 3 and summary["steps"] == 8 and len(summary["block_accuracies"]) == 3
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["peak_memory_bytes"] > 0
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert "method: dgl" in (out / "config.yaml").read_text()
+    code, stdout, _ = run_cli(["eval", "--checkpoint", out / "checkpoint.pt"], capsys)
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["test_accuracy"] == summary["test_accuracy"]
+    assert report["block_accuracies"] == summary["block_accuracies"]
+
+
+def test_same_seed_same_fingerprint(tmp_path, capsys):
+    prints = []
+    for name in ("a", "b"):
+        run_cli(["train", *TINY, "--method", "e2e", "--max-steps", "3", "--out", tmp_path / name], capsys)
+        prints.append(json.loads((tmp_path / name / "summary.json").read_text())["fingerprint"])
+    run_cli(["train", *TINY, "--method", "e2e", "--max-steps", "3", "--seed", "1", "--out", tmp_path / "c"], capsys)
+    assert prints[0] == prints[1] != json.loads((tmp_path / "c" / "summary.json").read_text())["fingerprint"]
+
+
+def test_yaml_config_and_dotted_overrides(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  method: dgl\n  K: 2\noptim:\n  lr: 0.02\nmethod:\n  n_conv: 1\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["train", "--config", cfg, *TINY, "--max-steps", "1", "--optim.weight_decay=0.0", "--out", out], capsys
+    )
+    assert code == 0, err
+    text = (out / "config.yaml").read_text()
+    assert "lr: 0.02" in text and "weight_decay: 0.0" in text and "n_conv: 1" in text
+
+
+def write_fake_fashion(root: Path, corrupt: str | None = None) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    src = Path("/usr/share/datasets/fashion-mnist")
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
+        if name == corrupt:
+            (root / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
+        elif src.exists():
+            shutil.copy(src / name, root / name)
+
+
+BAD_INPUTS = [
+    (["--arch", "resnet33"], "unknown arch 'resnet33'"),
+    (["--method", "backprop"], "unknown method 'backprop'"),
+    (["--dataset", "mnist-ish"], "unknown dataset 'mnist-ish'"),
+    (["--K", "40"], "K=40 does not fit resnet20"),
+    (["--method", "e2e", "--K", "3"], "use --K 1"),
+    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--dataset", "cifar10", "--data-dir", "/tmp"], "CIFAR-10 not found"),
+    (["--optim.lr=fast"], "optim.lr should be float"),
+    (["--train.colour=red"], "unknown config field 'train.colour'"),
+    (["--split", "man", "--K", "16", "--arch", "resnet32"], "use --K 15"),
+    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+    base = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--image-size",
+        "16",
+        "--arch",
+        "resnet20",
+        "--no-progress",
+        "--max-steps",
+        "1",
+        "--out",
+        tmp_path / "run",
+    ]
+    code, _, err = run_cli([*base, *args], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed"
+)
+def test_corrupt_idx_file_names_the_file(tmp_path, capsys):
+    root = tmp_path / "fm"
+    write_fake_fashion(root, corrupt="train-images-idx3-ubyte.gz")
+    code, _, err = run_cli(["train", "--data-dir", root, "--max-steps", "1", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("precious")
+    code, _, err = run_cli(["train", *TINY, "--max-steps", "1", "--out", out], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "summary.json").read_text() == "precious"
+
+
+def test_the_console_script_exits_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "locallearn.cli", "train", "--arch", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+
+
+def test_list_names_everything(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0 and "resnet110" in out and "dgl" in out and "fashion-mnist" in out and "infopro" in out

@@ -1,0 +1,196 @@
+"""The engine: gradient isolation, end-to-end equivalence at K=1, step order, schedule, heads, state."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from locallearn import LocalLearner, OptimConfig, create_model, lr_at
+from locallearn.methods import METHODS
+from tests.conftest import make_batches
+
+LOCAL_METHODS = [m for m in METHODS.names() if m != "e2e"]
+
+
+def make_learner(method="dgl", k=3, shape=(1, 28, 28), arch="resnet20", **kw):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_channels=shape[0])
+    return LocalLearner(model, method, k, input_shape=shape, **kw)
+
+
+def named_params(learner):
+    return [
+        *(("model." + n, p) for n, p in learner.model.named_parameters()),
+        *(("method." + n, p) for n, p in learner.method.named_parameters()),
+    ]
+
+
+def record_grads_at_each_step(learner):
+    """Wrap step_block to snapshot which parameters hold a gradient when block k steps."""
+    seen = []
+    original = learner.step_block
+
+    def step_block(k):
+        seen.append((k, {name: p.grad.clone() for name, p in named_params(learner) if p.grad is not None}))
+        original(k)
+
+    learner.step_block = step_block
+    return seen
+
+
+@pytest.mark.parametrize("method", LOCAL_METHODS)
+def test_each_block_steps_with_only_its_own_gradients(method):
+    learner = make_learner(method, k=3)
+    seen = record_grads_at_each_step(learner)
+    learner.train_step(make_batches(1)[0])
+    assert [k for k, _ in seen] == [0, 1, 2]
+    name_of = {id(p): n for n, p in named_params(learner)}
+    for k, grads in seen:
+        owned = {name_of[id(p)] for p in learner.block_params(k)}
+        assert set(grads) <= owned, f"block {k} saw gradients outside its own parameters"
+        assert grads, f"block {k} got no gradient at all"
+    got_grad = set().union(*(set(g) for _, g in seen))
+    missing = [n for n, p in named_params(learner) if p.requires_grad and n not in got_grad]
+    assert not missing, f"trainable parameters without gradient over a full step: {missing[:5]}"
+
+
+@pytest.mark.parametrize("method", LOCAL_METHODS)
+def test_changing_a_later_loss_leaves_earlier_gradients_untouched(method):
+    batch = make_batches(1)[0]
+    runs = []
+    for scale in (1.0, 7.0):
+        learner = make_learner(method, k=3)
+        original = learner.method.local_loss
+
+        def scaled(k, h, b, original=original, scale=scale):
+            out = original(k, h, b)
+            return out._replace(loss=out.loss * (scale if k == 1 else 1.0))
+
+        learner.method.local_loss = scaled
+        runs.append(record_grads_at_each_step(learner))
+        learner.train_step(batch)
+    (_, g0_a), (_, g1_a), _ = runs[0]
+    (_, g0_b), (_, g1_b), _ = runs[1]
+    assert g0_a.keys() == g0_b.keys() and all(torch.equal(g0_a[i], g0_b[i]) for i in g0_a)
+    assert any(not torch.allclose(g1_a[i], g1_b[i]) for i in g1_a)  # the change itself is visible
+
+
+def test_k1_equals_a_plain_end_to_end_loop():
+    batches = make_batches(4)
+    cfg = OptimConfig(lr=0.05, weight_decay=5e-4)
+    learner = make_learner("e2e", k=1, arch="resnet20", optim=cfg)
+    reference = copy.deepcopy(learner.model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for batch in batches:
+        learner.train_step(batch)
+        opt.zero_grad()
+        F.cross_entropy(reference(batch.x), batch.y).backward()
+        opt.step()
+    for (name, a), b in zip(learner.model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("method", LOCAL_METHODS)
+def test_every_local_method_at_k1_is_end_to_end(method):
+    batches = make_batches(3)
+    a, b = make_learner(method, k=1), make_learner("e2e", k=1)
+    for batch in batches:
+        a.train_step(batch)
+        b.train_step(batch)
+    assert sum(p.numel() for p in a.method.parameters()) == 0
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("method", LOCAL_METHODS)
+def test_per_block_and_after_all_step_orders_agree(method):
+    """Block k+1's input is detached before block k steps, so stepping early changes nothing."""
+    batches = make_batches(3)
+    a = make_learner(method, k=3, step_order="per_block")
+    b = make_learner(method, k=3, step_order="after_all")
+    for batch in batches:
+        a.train_step(batch)
+        b.train_step(batch)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 96, 96)])
+@pytest.mark.parametrize("method", LOCAL_METHODS)
+def test_heads_are_built_from_probed_shapes(shape, method):
+    learner = make_learner(method, k=4, shape=shape, arch="resnet20")
+    batch = make_batches(1, shape=shape, batch_size=4)[0]
+    stats = learner.train_step(batch)
+    assert all(math.isfinite(v.item()) for v in stats.values())
+    report = learner.evaluate([batch])
+    assert len(report["block_accuracies"]) == 4 and report["block_accuracies"][-1] == report["test_accuracy"]
+
+
+def test_probe_leaves_batchnorm_statistics_alone():
+    model = create_model("resnet20", in_channels=1)
+    before = copy.deepcopy(model.state_dict())
+    LocalLearner(model, "dgl", 3, input_shape=(1, 28, 28))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_reference_lr_schedule():
+    """MAN/InfoPro train.py: e = epoch+1, E epochs, 10 warm-up epochs starting at 0.01."""
+    cfg = OptimConfig(lr=0.8, schedule_unit="epoch", warmup_epochs=10, warmup_start_lr=0.01)
+    spe, epochs = 7, 400
+
+    def reference(epoch):
+        e = epoch + 1
+        cos = 0.5 * 0.8 * (1 + math.cos(math.pi * e / epochs))
+        return cos * (e - 1) / 10 + 0.01 * (11 - e) / 10 if e <= 10 else cos
+
+    for epoch in (0, 1, 5, 9, 10, 11, 200, 399):
+        for offset in (0, spe - 1):
+            assert lr_at(epoch * spe + offset, cfg, epochs * spe, spe) == pytest.approx(reference(epoch), abs=1e-12)
+
+
+def test_step_schedule_without_warmup():
+    cfg = OptimConfig(lr=0.1)
+    assert lr_at(0, cfg, 234, 78) == pytest.approx(0.1)
+    assert lr_at(117, cfg, 234, 78) == pytest.approx(0.05)
+    assert lr_at(233, cfg, 234, 78) == pytest.approx(0.05 * (1 + math.cos(math.pi * 233 / 234)))
+
+
+def test_the_schedule_reaches_every_optimizer():
+    learner = make_learner("dgl", k=3, total_steps=10, steps_per_epoch=5)
+    learner.train_step(make_batches(1)[0])
+    learner.train_step(make_batches(1)[0])
+    expected = lr_at(1, learner.optim_cfg, 10, 5)
+    assert all(g["lr"] == expected for opt in learner.optimizers for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_state_dict_round_trip_continues_identically(method):
+    batches = make_batches(4)
+    k = 1 if method == "e2e" else 3
+    a = make_learner(method, k=k)
+    for batch in batches[:2]:
+        a.train_step(batch)
+    b = make_learner(method, k=k)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for batch in batches[2:]:
+        a.train_step(batch)
+        b.train_step(batch)
+    for x, y in zip(a.state_dict()["model"].values(), b.state_dict()["model"].values()):
+        assert torch.equal(x, y)
+    for x, y in zip(a.method.state_dict().values(), b.method.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_inference_uses_the_backbone_only():
+    learner = make_learner("dgl", k=3)
+    batch = make_batches(1)[0]
+    learner.train_step(batch)
+    learner.model.eval()
+    with torch.no_grad():
+        expected = learner.model(batch.x)
+        for head in learner.method.heads:
+            for p in head.parameters():
+                p.add_(1.0)  # corrupting the auxiliary nets must not change predictions
+        assert torch.equal(learner.model(batch.x), expected)
