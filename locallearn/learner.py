@@ -87,24 +87,27 @@ class LocalLearner:
     # -- construction helpers ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _probe(self) -> SetupInfo:
-        """Run two dummy images through the blocks (eval mode, so BN statistics stay untouched)."""
+        """Run two dummy images through every layer (eval mode, so BN statistics stay untouched)."""
         was_training = self.model.training
         self.model.eval()
         h = torch.zeros(2, *self.input_shape, device=self.device)
-        shapes = []
-        for block in self.blocks:
-            h = block(h)
-            shapes.append(tuple(h.shape[1:]) if h.dim() == 4 else (h.shape[1], 1, 1))
+        layer_shapes = []
+        for layer in self.model.layers:
+            h = layer(h)
+            layer_shapes.append(tuple(h.shape[1:]) if h.dim() == 4 else (h.shape[1], 1, 1))
         self.model.train(was_training)
-        edges = [0, *self.bounds]
-        layers = self.model.layers
+        ends = [b - 1 for b in self.bounds] + [self.model.num_layers() - 1]
+        starts = [0, *self.bounds]
         return SetupInfo(
             blocks=self.blocks,
-            shapes=shapes,
-            num_classes=shapes[-1][0],
+            shapes=[layer_shapes[e] for e in ends],
+            num_classes=layer_shapes[-1][0],
             image_shape=self.input_shape,
-            layer_stages=[self.model.stage_of[e] for e in edges],
-            next_layers=[layers[b] for b in self.bounds] + [None],
+            layer_stages=[self.model.stage_of[s] for s in starts],
+            next_layers=[self.model.layers[b] for b in self.bounds] + [None],
+            model=self.model,
+            bounds=list(self.bounds),
+            layer_shapes=layer_shapes,
         )
 
     def block_params(self, k: int) -> list[nn.Parameter]:

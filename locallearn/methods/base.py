@@ -45,6 +45,9 @@ class SetupInfo:
         image_shape: (C, H, W) of the input images.
         layer_stages: stage index of the first layer of each block (MAN ramps λ by stage).
         next_layers: for block k < K-1 the first atomic layer of block k+1 (MAN's EMA source), else None.
+        model: the whole layered model (AugLocal samples later layers from it).
+        bounds: the K-1 block boundaries (block k is ``model.layers[bounds[k-1]:bounds[k]]``).
+        layer_shapes: output shape of every atomic layer; the last is (num_classes, 1, 1).
     """
 
     blocks: list[nn.Sequential]
@@ -53,6 +56,14 @@ class SetupInfo:
     image_shape: Shape
     layer_stages: list[int]
     next_layers: list[nn.Module | None]
+    model: nn.Module | None = None
+    bounds: list[int] | None = None
+    layer_shapes: list[Shape] | None = None
+
+    @property
+    def feature_width(self) -> int:
+        """Channels of the widest feature map: the classifier's input (64 in a CIFAR ResNet)."""
+        return self.layer_shapes[-2][0] if self.layer_shapes else max(s[0] for s in self.shapes[:-1])
 
 
 class LocalOutput(NamedTuple):
@@ -94,6 +105,14 @@ class LocalMethod(nn.Module):
         if k == self.num_blocks - 1:
             return LocalOutput(F.cross_entropy(h, batch.y), h)
         return self.aux_loss(k, h, batch)
+
+    def aux_shape(self, k: int, info: SetupInfo) -> Shape:
+        """Shape of what block k's heads read; MAN changes it (the next layer's output shape)."""
+        return info.shapes[k]
+
+    def aux_input(self, k: int, h: Tensor) -> Tensor:
+        """What block k's heads read, given the block's output; MAN adds the EMA and learnable copies here."""
+        return h
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
         raise NotImplementedError(f"{self.name} defines no auxiliary loss for block {k}")

@@ -38,15 +38,16 @@ class DGL(LocalMethod):
 
     def build_aux(self, info: SetupInfo) -> None:
         self.heads = nn.ModuleList(
-            dgl_mlp_sr(shape, info.num_classes, self.config.n_conv, self.config.n_mlp) for shape in info.shapes[:-1]
+            dgl_mlp_sr(self.aux_shape(k, info), info.num_classes, self.config.n_conv, self.config.n_mlp)
+            for k in range(len(info.blocks) - 1)
         )
 
     def block_params(self, k: int) -> list[nn.Parameter]:
         return list(self.heads[k].parameters()) if k < len(self.heads) else []
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
-        logits = self.heads[k](h)
+        logits = self.heads[k](self.aux_input(k, h))
         return LocalOutput(F.cross_entropy(logits, batch.y), logits)
 
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:
-        return self.heads[k](h) if k < len(self.heads) else None
+        return self.heads[k](self.aux_input(k, h)) if k < len(self.heads) else None

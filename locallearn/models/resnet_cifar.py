@@ -96,7 +96,7 @@ def cifar_resnet(
     layers.append(Classifier(in_planes, num_classes))
     names = ["stem"] + [f"layer{s + 1}.{i}" for s in range(3) for i in range(n)] + ["classifier"]
     stage_of = [0] + [s + 1 for s in range(3) for _ in range(n)] + [3]
-    model = LayeredModel(layers, names=names, stage_of=stage_of, arch=f"resnet{depth}")
+    model = LayeredModel(layers, names=names, stage_of=stage_of, arch=f"resnet{depth}", block_factory=BasicBlock)
     init_weights(model)
     return model
 

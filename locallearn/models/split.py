@@ -14,6 +14,8 @@ true block count. Where a paper's name for a split differs, the preset says so:
 * ``man`` — MAN's released ``config.py`` (ECCV 2024): InfoPro's cuts *without* the stem cut, so MAN's published
   "K=16" on ResNet-32 is ``--split man --K 15`` and its "K=55" on ResNet-110 is ``--split man --K 54``.
 * ``even`` — any K: the feature layers dealt into K contiguous groups of near-equal count.
+* ``layerwise`` — any K: each of the first K-1 feature layers is a block of its own and the rest form the last
+  block. AugLocal's "K=16, d=2" on ResNet-32 is ``--split layerwise --K 14`` (it merges the last d layers).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ PRESETS: dict[str, dict[str, dict[int, list[Cut]]]] = {
     "infopro-balanced": {"resnet110": {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]}},
     "man": {"resnet32": _without_stem(_R32_INFOPRO), "resnet110": {**_without_stem(_R110_INFOPRO), 32: _R110_MAN32}},
 }
-SPLITTERS = ("even",)
+SPLITTERS = ("even", "layerwise")
 
 
 def split_names() -> list[str]:
@@ -120,14 +122,14 @@ def resolve_split(model: LayeredModel, split: str, k: int | None) -> list[int]:
                 f"{sorted(table)}{hint}, or use --split even"
             )
         bounds = [_cut_to_boundary(model, c) for c in table[k]]
-    elif split == "even":
+    elif split in SPLITTERS:
         k = 1 if k is None else k
         if not 1 <= k <= num_features:
             raise UserError(
                 f"K={k} does not fit {model.arch}: it has {num_features} layers to split "
                 f"(stem, residual blocks), so choose 1 <= K <= {num_features}"
             )
-        bounds = even_boundaries(num_features, k)
+        bounds = even_boundaries(num_features, k) if split == "even" else list(range(1, k))
     else:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(split_names())}")
     check_boundaries(model, bounds)
