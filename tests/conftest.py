@@ -3,6 +3,10 @@ import torch
 
 from locallearn.data import Batch
 
+# The suite's tensors are tiny: one thread avoids the thread-pool overhead (and the oversubscription when two test
+# processes share the 2-core CI machine) that made single small ops take milliseconds.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

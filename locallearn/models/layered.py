@@ -20,7 +20,12 @@ class LayeredModel(nn.Module):
     """
 
     def __init__(
-        self, layers: Sequence[nn.Module], *, names: Sequence[str], stage_of: Sequence[int], arch: str,
+        self,
+        layers: Sequence[nn.Module],
+        *,
+        names: Sequence[str],
+        stage_of: Sequence[int],
+        arch: str,
         block_factory: Callable[[int, int, int], nn.Module] | None = None,
     ) -> None:
         super().__init__()

@@ -13,6 +13,8 @@ true block count. Where a paper's name for a split differs, the preset says so:
 * ``infopro-balanced`` — InfoPro* memory-balanced ResNet-110 cuts for CIFAR-10 (Table 3), K = 2, 3, 4.
 * ``man`` — MAN's released ``config.py`` (ECCV 2024): InfoPro's cuts *without* the stem cut, so MAN's published
   "K=16" on ResNet-32 is ``--split man --K 15`` and its "K=55" on ResNet-110 is ``--split man --K 54``.
+* ``man++`` — MAN++'s released ``config.py``: MAN's cuts plus the stem as a block of its own, so its "K=8" is
+  ``--K 9``, "K=16" ``--K 16``, "K=32" ``--K 33`` and "K=55" ``--K 55``.
 * ``even`` — any K: the feature layers dealt into K contiguous groups of near-equal count.
 * ``layerwise`` — any K: each of the first K-1 feature layers is a block of its own and the rest form the last
   block. AugLocal's "K=16, d=2" on ResNet-32 is ``--split layerwise --K 14`` (it merges the last d layers).
@@ -78,6 +80,9 @@ PRESETS: dict[str, dict[str, dict[int, list[Cut]]]] = {
     "infopro": {"resnet32": _R32_INFOPRO, "resnet110": _R110_INFOPRO},
     "infopro-balanced": {"resnet110": {2: [(1, 14)], 3: [(1, 9), (2, 2)], 4: [(1, 6), (1, 14), (2, 8)]}},
     "man": {"resnet32": _without_stem(_R32_INFOPRO), "resnet110": {**_without_stem(_R110_INFOPRO), 32: _R110_MAN32}},
+}
+PRESETS["man++"] = {
+    arch: {k + 1: [(0, 0), *cuts] for k, cuts in table.items()} for arch, table in PRESETS["man"].items()
 }
 SPLITTERS = ("even", "layerwise")
 

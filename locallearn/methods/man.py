@@ -1,0 +1,142 @@
+"""MAN: Momentum Auxiliary Network (Su et al., ECCV 2024, arXiv 2407.05623) and MAN++ (TPAMI 2026, arXiv 2507.16279).
+
+MAN lets information from downstream reach block k without any gradient crossing a boundary. Before block k's
+auxiliary heads, its output h_k goes through two copies of the *first layer of block k+1*:
+
+* EMA_k — frozen (``requires_grad=False``, in no optimizer), updated after steps as
+  p_ema ← m·p_ema + (1−m)·p_live (the paper's γ_j ← m·γ_j + (1−m)·θ_{j+1}, m = 0.995);
+* LB_k — a trainable copy, the "learnable bias" b_j, trained by block k's local loss.
+
+The heads read y_k = LB_k(h_k) + EMA_k(h_k) (MAN), or y_k = s_k·LB_k(h_k) + (2−s_k)·EMA_k(h_k) with a learnable
+scalar s_k initialised to 1 (MAN++'s "learnable scaling bias"). The heads are those of the base method (DGL's MLP-SR
+or InfoPro's decoder + classifier), sized for the next layer's output shape, found by probing.
+
+Choices, each an option (methods.md §1.3, §8):
+
+* ``copy_init="live"`` (default): EMA_k and LB_k start as copies of the live layer, so the EMA tracks it from step
+  one. ``"random"`` re-initialises both independently, as the released code does (its init loop runs after the
+  deep copies), so the EMA needs ~1/(1−m) = 200 steps to forget its random start.
+* ``ema_timing="after_next_step"`` (default, the paper's order): EMA_k is updated right after block k+1's optimizer
+  step, from the just-updated live layer. ``"before_next_step"`` updates it after block k's step, before block k+1's
+  (the released code's one-step lag: one ``optimizer.step()`` after all backwards, EMA inside the forward).
+* BatchNorm running statistics are not averaged: each copy keeps its own, from its own forward passes (the EMA copy
+  runs in train mode, so it normalises with batch statistics during training, as in the reference).
+* λ ramp (InfoPro heads): InfoPro's by-block ramp by default; ``lambda_ramp="stage"`` reproduces MAN's code.
+
+MAN++'s other change, the stem as a block of its own, is a split: ``--split man++`` (or ``infopro`` for ResNet-32
+K=16).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from locallearn.errors import UserError
+from locallearn.heads import Shape
+from locallearn.methods.base import MethodConfig, SetupInfo, register_method
+from locallearn.methods.dgl import DGL, DGLConfig
+from locallearn.methods.infopro import InfoPro, InfoProConfig
+from locallearn.models.resnet_cifar import init_weights
+
+
+@dataclass
+class MANOptions(MethodConfig):
+    """Attributes:
+    ema_momentum: m in p_ema ← m·p_ema + (1−m)·p_live (0.995 in the paper and README).
+    copy_init: "live" (copies of block k+1's first layer) or "random" (re-initialised, the released code).
+    ema_timing: "after_next_step" (paper) or "before_next_step" (released code's one-step lag).
+    """
+
+    ema_momentum: float = 0.995
+    copy_init: str = "live"
+    ema_timing: str = "after_next_step"
+
+
+class MomentumAuxiliary:
+    """Mixin that puts MAN's EMA and learnable copies of block k+1's first layer in front of the base heads."""
+
+    learnable_scale = False  # MAN++ sets True
+    config: MANOptions
+
+    def build_aux(self, info: SetupInfo) -> None:
+        cfg = self.config
+        if cfg.copy_init not in ("live", "random"):
+            raise UserError(f"unknown copy_init {cfg.copy_init!r}: use live or random")
+        if cfg.ema_timing not in ("after_next_step", "before_next_step"):
+            raise UserError(f"unknown ema_timing {cfg.ema_timing!r}: use after_next_step or before_next_step")
+        live = info.next_layers[:-1]
+        self._live = list(live)  # a plain list: the live layers belong to the backbone, not to the method
+        self.ema = nn.ModuleList(copy.deepcopy(layer) for layer in live)
+        self.learnable = nn.ModuleList(copy.deepcopy(layer) for layer in live)
+        if cfg.copy_init == "random":
+            for module in (*self.ema, *self.learnable):
+                init_weights(module)
+        self.ema.requires_grad_(False)
+        self.scales = nn.ParameterList(nn.Parameter(torch.ones(())) for _ in live) if self.learnable_scale else None
+        super().build_aux(info)
+
+    def aux_shape(self, k: int, info: SetupInfo) -> Shape:
+        return info.layer_shapes[info.bounds[k]]  # the output of block k+1's first layer
+
+    def aux_input(self, k: int, h: Tensor) -> Tensor:
+        if self.scales is None:
+            return self.learnable[k](h) + self.ema[k](h)
+        s = self.scales[k]
+        return s * self.learnable[k](h) + (2 - s) * self.ema[k](h)
+
+    def block_params(self, k: int) -> list[nn.Parameter]:
+        own = super().block_params(k)
+        if k >= len(self.learnable):
+            return own
+        extra = [*self.learnable[k].parameters()] + ([self.scales[k]] if self.scales is not None else [])
+        return own + extra
+
+    @torch.no_grad()
+    def update_ema(self, k: int) -> None:
+        """p_ema ← m·p_ema + (1−m)·p_live for every parameter of EMA_k (buffers are left to each copy)."""
+        ema = list(self.ema[k].parameters())
+        live = [p.detach() for p in self._live[k].parameters()]
+        torch._foreach_lerp_(ema, live, 1.0 - self.config.ema_momentum)
+
+    def after_step(self, k: int) -> None:
+        target = k - 1 if self.config.ema_timing == "after_next_step" else k
+        if 0 <= target < len(self.ema):
+            self.update_ema(target)
+
+
+@dataclass
+class DGLMANConfig(MANOptions, DGLConfig):
+    """DGL's MLP-SR heads behind MAN's copies; see :class:`DGLConfig` and :class:`MANOptions`."""
+
+
+@dataclass
+class InfoProMANConfig(MANOptions, InfoProConfig):
+    """InfoPro's decoder and classifier behind MAN's copies; see :class:`InfoProConfig` and :class:`MANOptions`."""
+
+
+@register_method("dgl+man")
+class DGLMAN(MomentumAuxiliary, DGL):
+    config_class = DGLMANConfig
+
+
+@register_method("infopro+man")
+class InfoProMAN(MomentumAuxiliary, InfoPro):
+    config_class = InfoProMANConfig
+
+
+@register_method("man++")
+class InfoProMANPlusPlus(MomentumAuxiliary, InfoPro):
+    """MAN++ on InfoPro heads (the released CIFAR code's main configuration)."""
+
+    config_class = InfoProMANConfig
+    learnable_scale = True
+
+
+@register_method("dgl+man++")
+class DGLMANPlusPlus(MomentumAuxiliary, DGL):
+    config_class = DGLMANConfig
+    learnable_scale = True
