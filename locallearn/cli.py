@@ -47,7 +47,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a network with a local-learning method. Any config field can also be set "
         "as --section.key=value (e.g. --optim.warmup_epochs=10 --method.n_conv=2).",
     )
-    p.add_argument("--config", help="YAML config file (see configs/); flags given here override it")
+    p.add_argument(
+        "--config", action="append", help="YAML config file (see configs/); repeatable, later files win; flags win"
+    )
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, svhn, stl10, synthetic")
     p.add_argument("--data-dir", help="dataset root (torchvision's layout)")
     p.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
@@ -80,8 +82,8 @@ def build_config(args: argparse.Namespace, overrides: list[str]):
     from locallearn.config import RunConfig, apply_overrides, load_yaml, set_field
 
     cfg = RunConfig()
-    if args.config:
-        load_yaml(cfg, args.config)
+    for path in args.config or []:
+        load_yaml(cfg, path)
     for flag, dotted in TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -119,7 +121,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_summary(evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device))
 
 
+def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from pathlib import Path
+
+    from locallearn.compare import compare
+
+    command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command))
+
+
 def cmd_list(_: argparse.Namespace) -> None:
+    from locallearn.config import preset_names
     from locallearn.data import DATASETS
     from locallearn.methods import METHODS
     from locallearn.models import MODELS, split_names
@@ -128,6 +140,7 @@ def cmd_list(_: argparse.Namespace) -> None:
     print("methods:  ", ", ".join(METHODS.names()))
     print("datasets: ", ", ".join(DATASETS.names()))
     print("splits:   ", ", ".join(split_names()))
+    print("presets:  ", ", ".join(preset_names()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
     p_eval.add_argument("--data-dir", help="dataset root, if it moved since training")
     p_eval.add_argument("--device", default="auto")
-    sub.add_parser("list", help="list architectures, methods, datasets and splits")
+    sub.add_parser("list", help="list architectures, methods, datasets, splits and presets")
+    p_cmp = sub.add_parser("compare", help="benchmark: several methods × seeds → a markdown table")
+    p_cmp.add_argument("--suite", choices=["parity", "methods"], default="methods")
+    p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p_cmp.add_argument("--K", type=int, nargs="+", default=[4, 16], help="methods suite: nominal K values")
+    p_cmp.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="overrides applied to every run, e.g. train.epochs=2 data.limit_train=2000",
+    )
+    p_cmp.add_argument("--out", required=True, help="directory for runs/, results.json and table.md")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -149,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args, rest)
         elif args.command == "eval":
             cmd_eval(args)
+        elif args.command == "compare":
+            cmd_compare(args, argv)
         else:
             cmd_list(args)
     except UserError as err:

@@ -46,6 +46,7 @@ class TrainConfig:
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ….
     amp: "none" or "bf16" autocast.
     step_order: "per_block" (each block steps after its own backward) or "after_all" (reference order).
+    channels_last: NHWC memory format for weights and inputs (faster on CPU oneDNN and GPU tensor cores).
     out: run directory (None: runs/<time>-<method>-<arch>-K<k>).
     overwrite: allow writing into a non-empty run directory.
     save_checkpoint: write checkpoint.pt at the end.
@@ -63,6 +64,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     step_order: str = "per_block"
+    channels_last: bool = True
     out: str | None = None
     overwrite: bool = False
     save_checkpoint: bool = True
@@ -148,16 +150,40 @@ def apply_dict(cfg: RunConfig, tree: dict[str, Any], source: str) -> None:
             set_field(cfg, f"{section}.{key}", value)
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """Packaged presets, named by their path under ``locallearn/presets`` without ``.yaml`` (e.g. "parity/e2e")."""
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A YAML path, or the name of a packaged preset."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PRESET_DIR / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise UserError(
+        f"config file {name} not found: pass the path of a YAML file or a preset name (`locallearn list` shows them)"
+    )
+
+
 def load_yaml(cfg: RunConfig, path: str | Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} not found: pass the path of a YAML file (see configs/)")
+    """Apply a YAML file; a top-level ``base: NAME`` loads that file (beside this one, or a preset) first."""
+    path = find_config(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML ({err.__class__.__name__}): fix its syntax") from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of sections (data, model, optim, train, method)")
+    base = tree.pop("base", None)
+    if base is not None:
+        sibling = path.parent / f"{base}.yaml"
+        load_yaml(cfg, sibling if sibling.is_file() else base)
     apply_dict(cfg, tree, str(path))
 
 

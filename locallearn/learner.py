@@ -45,6 +45,9 @@ class LocalLearner:
         step_order: "per_block" or "after_all" (see :mod:`locallearn.engine`).
         device: where the model and the method live.
         amp: None or "bf16".
+        channels_last: keep weights and inputs in NHWC memory format. Same arithmetic, different kernels: on a
+            2-core CPU (oneDNN) it made ResNet-32 end-to-end 19 % faster and InfoPro+MAN K=15 40 % faster; on GPUs it
+            is the tensor-core layout.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class LocalLearner:
         step_order: str = "per_block",
         device: torch.device | str = "cpu",
         amp: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         if step_order not in engine.STEP_ORDERS:
             raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(engine.STEP_ORDERS)}")
@@ -77,6 +81,10 @@ class LocalLearner:
         self.input_shape = tuple(input_shape)
         self.method.setup(self._probe())
         self.method.to(self.device)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.method.to(memory_format=torch.channels_last)
         self.optim_cfg = optim or OptimConfig()
         self.optimizers = build_optimizers([self.block_params(k) for k in range(len(self.blocks))], self.optim_cfg)
         self._check_param_ownership()
@@ -142,6 +150,8 @@ class LocalLearner:
         """One step of every block on a batch: ``x, y`` tensors, or a :class:`Batch` (whose ``raw`` un-normalised
         images reconstruction losses need; with plain tensors ``raw`` is ``x`` itself)."""
         batch = Batch(x, y, x) if y is not None else x
+        if self.channels_last and batch.x.dim() == 4:
+            batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
         set_lr(self.optimizers, self.current_lr())
         self.model.train()
         self.method.train()

@@ -79,6 +79,7 @@ def build_learner(
         step_order=cfg.train.step_order,
         device=device,
         amp=None if cfg.train.amp == "none" else cfg.train.amp,
+        channels_last=cfg.train.channels_last,
     )
 
 
