@@ -1,0 +1,44 @@
+"""Every packaged preset loads, and builds its model, split and method with the true block count it names."""
+
+import pytest
+
+from locallearn import LocalLearner, create_model
+from locallearn.config import RunConfig, load_yaml, preset_names
+from locallearn.data.info import CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO
+
+INFO = {i.name: i for i in (CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO)}
+RUNNABLE = [p for p in preset_names() if not p.startswith("recipes/") and p != "parity/common"]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_preset_builds(name):
+    cfg = RunConfig()
+    load_yaml(cfg, name)
+    info = INFO[cfg.data.name]
+    channels = cfg.data.channels or info.in_channels
+    size = cfg.data.pad_to or info.image_size[0]
+    model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=channels)
+    learner = LocalLearner(
+        model,
+        cfg.train.method,
+        cfg.resolved_k(),
+        cfg.train.split,
+        input_shape=(channels, size, size),
+        method_options=cfg.method,
+        optim=cfg.optim,
+    )
+    assert len(learner.blocks) == cfg.train.K
+
+
+def test_recipes_match_the_reference():
+    cfg = RunConfig()
+    load_yaml(cfg, "man/cifar10_resnet32_k16_infopro_man")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr, cfg.optim.warmup_epochs) == (400, 1024, 0.8, 10)
+    assert cfg.data.limit_train is None and cfg.train.K == 15 and cfg.method["lambda_ramp_k"] == 16
+
+
+def test_parity_preset_is_the_section9_protocol():
+    cfg = RunConfig()
+    load_yaml(cfg, "parity/infopro_man")
+    assert (cfg.data.pad_to, cfg.data.channels, cfg.data.normalization, cfg.data.limit_train) == (32, 3, "cifar", 10000)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.warmup_epochs) == (3, 128, 0)
