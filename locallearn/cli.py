@@ -121,6 +121,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_summary(evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device))
 
 
+def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None) -> None:
+    from pathlib import Path
+
+    from locallearn.bench import BenchConfig, run_bench, save
+    from locallearn.compare import machine
+    from locallearn.config import parse_value
+    from locallearn.metrics import resolve_device
+
+    options = {}
+    for item in rest:
+        key, sep, value = item.partition("=")
+        if not (key.startswith("--method.") and sep):
+            raise UserError(f"unrecognised argument {item!r}: bench takes --method.<option>=<value> overrides")
+        options[key[len("--method.") :]] = parse_value(value)
+    cfg = BenchConfig(
+        arch=args.arch,
+        image_size=args.image_size,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        batch_size=args.batch_size,
+        method=args.method,
+        method_options=options,
+        ks=args.K,
+        splits=args.split,
+        time_steps=args.time_steps,
+        warmup_steps=args.warmup_steps,
+        device=str(resolve_device(args.device)),
+    )
+    rows = run_bench(cfg, log=lambda line: print(line, file=sys.stderr))
+    command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(save(cfg, rows, Path(args.out), machine(), command))
+
+
 def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> None:
     from pathlib import Path
 
@@ -152,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--data-dir", help="dataset root, if it moved since training")
     p_eval.add_argument("--device", default="auto")
     sub.add_parser("list", help="list architectures, methods, datasets, splits and presets")
+    p_bench = sub.add_parser("bench", help="benchmark peak memory and speed: E2E, checkpointing, local at several K")
+    p_bench.add_argument("--arch", default="resnet110")
+    p_bench.add_argument("--image-size", type=int, default=32)
+    p_bench.add_argument("--in-channels", type=int, default=3)
+    p_bench.add_argument("--num-classes", type=int, default=10)
+    p_bench.add_argument("--batch-size", type=int, default=1024)
+    p_bench.add_argument("--method", default="infopro+man")
+    p_bench.add_argument("--K", type=int, nargs="+", default=[2, 3, 4])
+    p_bench.add_argument("--split", nargs="+", default=["even", "balanced"])
+    p_bench.add_argument("--time-steps", type=int, default=3, help="timed training steps per row (0: memory only)")
+    p_bench.add_argument("--warmup-steps", type=int, default=1)
+    p_bench.add_argument("--device", default="auto")
+    p_bench.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
     p_cmp = sub.add_parser("compare", help="benchmark: several methods × seeds → a markdown table")
     p_cmp.add_argument("--suite", choices=["parity", "methods"], default="methods")
     p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -165,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_cmp.add_argument("--out", required=True, help="directory for runs/, results.json and table.md")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -174,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args, rest)
         elif args.command == "eval":
             cmd_eval(args)
+        elif args.command == "bench":
+            cmd_bench(args, rest, argv)
         elif args.command == "compare":
             cmd_compare(args, argv)
         else:

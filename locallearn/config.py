@@ -47,6 +47,7 @@ class TrainConfig:
     amp: "none" or "bf16" autocast.
     step_order: "per_block" (each block steps after its own backward) or "after_all" (reference order).
     channels_last: NHWC memory format for weights and inputs (faster on CPU oneDNN and GPU tensor cores).
+    checkpointing: "none" or "stage" (activation checkpointing per stage inside each block).
     out: run directory (None: runs/<time>-<method>-<arch>-K<k>).
     overwrite: allow writing into a non-empty run directory.
     save_checkpoint: write checkpoint.pt at the end.
@@ -65,6 +66,7 @@ class TrainConfig:
     amp: str = "none"
     step_order: str = "per_block"
     channels_last: bool = True
+    checkpointing: str = "none"
     out: str | None = None
     overwrite: bool = False
     save_checkpoint: bool = True

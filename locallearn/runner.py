@@ -80,6 +80,7 @@ def build_learner(
         device=device,
         amp=None if cfg.train.amp == "none" else cfg.train.amp,
         channels_last=cfg.train.channels_last,
+        checkpointing=cfg.train.checkpointing,
     )
 
 

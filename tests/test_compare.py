@@ -15,9 +15,28 @@ def test_paper_splits_use_the_true_block_counts():
 
 
 def test_compare_writes_a_table(tmp_path, capsys):
-    code = main(["compare", "--suite", "methods", "--K", "2", "--seeds", "0", "1", "--out", str(tmp_path), "--set",
-                 "data.name='synthetic'", "data.image_size=16", "data.synthetic_train_size=32",
-                 "data.synthetic_test_size=16", "train.batch_size=16", "train.max_steps=1", "model.arch='resnet20'"])
+    code = main(
+        [
+            "compare",
+            "--suite",
+            "methods",
+            "--K",
+            "2",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "data.name='synthetic'",
+            "data.image_size=16",
+            "data.synthetic_train_size=32",
+            "data.synthetic_test_size=16",
+            "train.batch_size=16",
+            "train.max_steps=1",
+            "model.arch='resnet20'",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -56,6 +56,17 @@ class MANOptions(MethodConfig):
     ema_timing: str = "after_next_step"
 
 
+def clone_module(module: nn.Module) -> nn.Module:
+    """A deep copy whose tensors are cloned with ``Tensor.clone`` (``copy.deepcopy`` of a module cannot copy the fake
+    tensors that memory estimation uses; cloning works for real and fake tensors alike)."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 class MomentumAuxiliary:
     """Mixin that puts MAN's EMA and learnable copies of block k+1's first layer in front of the base heads."""
 
@@ -70,8 +81,8 @@ class MomentumAuxiliary:
             raise UserError(f"unknown ema_timing {cfg.ema_timing!r}: use after_next_step or before_next_step")
         live = info.next_layers[:-1]
         self._live = list(live)  # a plain list: the live layers belong to the backbone, not to the method
-        self.ema = nn.ModuleList(copy.deepcopy(layer) for layer in live)
-        self.learnable = nn.ModuleList(copy.deepcopy(layer) for layer in live)
+        self.ema = nn.ModuleList(clone_module(layer) for layer in live)
+        self.learnable = nn.ModuleList(clone_module(layer) for layer in live)
         if cfg.copy_init == "random":
             for module in (*self.ema, *self.learnable):
                 init_weights(module)

@@ -1,0 +1,217 @@
+"""``locallearn bench``: peak training memory and throughput of end-to-end, end-to-end with activation
+checkpointing, and local learning at several K and split strategies, on synthetic data, in one run.
+
+Memory: on every device an estimate from fake tensors (:func:`locallearn.memory.estimate_peak`: real training
+steps, no storage), split into parameters, gradients, optimizer state, activations and temporaries; on a GPU also the
+measured ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Throughput: warm-up steps, then timed
+steps on the chosen device (skipped with ``--time-steps 0``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from locallearn.data import Batch
+from locallearn.learner import LocalLearner, balanced_split
+from locallearn.memory import estimate_peak
+from locallearn.metrics import peak_memory, reset_peak_memory
+from locallearn.models import create_model, resolve_split
+
+MiB = 2**20
+
+
+@dataclass
+class BenchConfig:
+    arch: str = "resnet110"
+    image_size: int = 32
+    in_channels: int = 3
+    num_classes: int = 10
+    batch_size: int = 1024
+    method: str = "infopro+man"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    ks: list[int] = field(default_factory=lambda: [2, 3, 4])
+    splits: list[str] = field(default_factory=lambda: ["even", "balanced"])
+    time_steps: int = 3
+    warmup_steps: int = 1
+    device: str = "cpu"
+    channels_last: bool = True
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    K: int
+    split: str
+    checkpointing: str
+    bounds: list[int]
+    estimated_peak_bytes: int
+    parts: dict[str, int]
+    measured_peak_bytes: int | None = None
+    images_per_second: float | None = None
+
+
+def _rows(cfg: BenchConfig) -> list[tuple[str, str, int, str, str]]:
+    rows = [("E2E", "e2e", 1, "even", "none"), ("E2E + checkpointing per stage", "e2e", 1, "even", "stage")]
+    for k in cfg.ks:
+        for split in cfg.splits:
+            rows.append((f"{cfg.method} K={k} {split}", cfg.method, k, split, "none"))
+    return rows
+
+
+def _bounds(cfg: BenchConfig, method: str, k: int, split: str) -> list[int]:
+    model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    options = cfg.method_options if method == cfg.method else None
+    return balanced_split(model, method, options, shape, k) if split == "balanced" else resolve_split(model, split, k)
+
+
+def _builder(
+    cfg: BenchConfig,
+    method: str,
+    bounds: list[int],
+    checkpointing: str,
+    device: torch.device,
+    channels_last: bool = True,
+):
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    options = cfg.method_options if method == cfg.method else None
+
+    def build() -> LocalLearner:
+        model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
+        return LocalLearner(
+            model,
+            method,
+            len(bounds) + 1,
+            bounds,
+            input_shape=shape,
+            method_options=options,
+            device=device,
+            checkpointing=checkpointing,
+            channels_last=cfg.channels_last and channels_last,
+        )
+
+    return build
+
+
+def _time(cfg: BenchConfig, build, device: torch.device) -> tuple[float, int | None]:
+    learner = build()
+    x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    batch = Batch(x, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device), x)
+    for _ in range(cfg.warmup_steps):
+        learner.train_step(batch)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(cfg.time_steps):
+        learner.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak, kind = peak_memory(device)
+    return cfg.batch_size * cfg.time_steps / seconds, peak if kind == "cuda_max_allocated" else None
+
+
+def run_bench(cfg: BenchConfig, log=print) -> list[Row]:
+    device = torch.device(cfg.device)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    results = []
+    for label, method, k, split, ckpt in _rows(cfg):
+        bounds = _bounds(cfg, method, k, split)
+        build = _builder(cfg, method, bounds, ckpt, device)
+        # the memory format changes kernels, not tensor sizes; fake tensors cannot be re-laid out, so estimate NCHW
+        estimate_build = _builder(cfg, method, bounds, ckpt, torch.device("cpu"), channels_last=False)
+        est = estimate_peak(estimate_build, shape, cfg.batch_size, cfg.num_classes)
+        row = Row(label, method, k, split, ckpt, bounds, est.peak, est.parts)
+        if cfg.time_steps > 0:
+            row.images_per_second, row.measured_peak_bytes = _time(cfg, build, device)
+        results.append(row)
+        log(format_row(row, results[0]))
+    return results
+
+
+def format_row(row: Row, e2e: Row) -> str:
+    ratio = row.estimated_peak_bytes / e2e.estimated_peak_bytes
+    speed = "" if row.images_per_second is None else f"  {row.images_per_second:8.1f} img/s"
+    if row.images_per_second and e2e.images_per_second:
+        speed += f" ({row.images_per_second / e2e.images_per_second:.2f}×)"
+    return f"{row.label:<40} {row.estimated_peak_bytes / MiB:10.0f} MiB ({ratio:.2f}× E2E){speed}"
+
+
+def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> str:
+    e2e = rows[0]
+    head = (
+        "| configuration | blocks | boundaries | est. peak MiB | × E2E | params | grads | optimizer | activations "
+        "| temp | measured peak MiB | img/s | × E2E |"
+    )
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}. {cfg.arch}, {cfg.in_channels}×{cfg.image_size}×"
+        f"{cfg.image_size}, batch {cfg.batch_size}, {cfg.num_classes} classes.",
+        "",
+        head,
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        p = r.parts
+        measured = "–" if r.measured_peak_bytes is None else f"{r.measured_peak_bytes / MiB:.0f}"
+        speed = "–" if r.images_per_second is None else f"{r.images_per_second:.1f}"
+        ratio = (
+            "–"
+            if not (r.images_per_second and e2e.images_per_second)
+            else f"{r.images_per_second / e2e.images_per_second:.2f}"
+        )
+        lines.append(
+            f"| {r.label} | {r.K} | {r.bounds} | {r.estimated_peak_bytes / MiB:.0f} | "
+            f"{r.estimated_peak_bytes / e2e.estimated_peak_bytes:.2f} | {p.get('Parameter', 0) / MiB:.0f} | "
+            f"{p.get('Gradient', 0) / MiB:.0f} | {p.get('Optstate', 0) / MiB:.0f} | "
+            f"{p.get('Activation', 0) / MiB:.0f} | "
+            f"{p.get('Temp', 0) / MiB:.0f} | {measured} | {speed} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e, ckpt = rows[0], rows[1]
+    timed = all(r.images_per_second for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
+    panels = [("estimated peak memory (GiB)", lambda r: r.estimated_peak_bytes / 2**30)]
+    if timed:
+        panels.append(("training throughput (img/s)", lambda r: r.images_per_second))
+    for ax, (ylabel, value) in zip(axes[0], panels):
+        for split in dict.fromkeys(r.split for r in rows[2:]):
+            pts = [(r.K, value(r)) for r in rows[2:] if r.split == split]
+            ax.plot(*zip(*pts), marker="o", label=f"local, {split} split")
+        ax.axhline(value(e2e), color="k", linestyle="--", label="E2E")
+        ax.axhline(value(ckpt), color="gray", linestyle=":", label="E2E + checkpointing")
+        ax.set_xlabel("K (blocks)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save(cfg: BenchConfig, rows: list[Row], out: Path, machine: str, command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"config": asdict(cfg), "machine": machine, "command": command, "rows": [asdict(r) for r in rows]}, indent=1
+        )
+    )
+    text = markdown(cfg, rows, machine, command)
+    (out / "bench.md").write_text(text)
+    plot(rows, out / "bench.png", f"{cfg.arch} {cfg.image_size}px batch {cfg.batch_size}: {cfg.method}")
+    return text

@@ -1,0 +1,211 @@
+"""Where training memory goes: per-layer activation costs, memory-balanced splits, and peak-memory estimates.
+
+Two tools, both honest on a CPU:
+
+* :func:`estimate_peak` runs real training steps of a :class:`LocalLearner` on *fake* tensors
+  (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storage) under PyTorch's ``MemTracker``, which
+  follows every tensor's lifetime and reports the peak split into parameters, gradients, optimizer state,
+  activations and temporaries. ResNet-152 at batch 256 is estimated on a laptop. With ``fake=False`` the same
+  tracker counts real tensors, which is how the estimate is checked (``tests/test_memory.py``).
+* :func:`balanced_boundaries` picks the K−1 cuts that minimise the largest block's activation memory plus its
+  auxiliary net's, from costs measured per layer and per possible cut (InfoPro* moves cuts earlier for the same
+  reason: early high-resolution layers dominate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from locallearn.errors import UserError
+
+
+def saved_bytes(fn, *args, exclude: nn.Module | None = None) -> tuple[Any, int]:
+    """Run ``fn(*args)`` and return its result and the bytes autograd saves for backward (each storage once).
+
+    The saved tensors are what a block keeps alive between its forward and its backward: its activation memory.
+    Tensors of ``exclude`` (the parameters, which autograd saves too but which exist anyway) are not counted.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in [*exclude.parameters(), *exclude.buffers()]} if exclude else set()
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(seen.values())
+
+
+def _output_bytes(h: Tensor) -> int:
+    return h.numel() * h.element_size()
+
+
+def layer_costs(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> list[int]:
+    """Saved-activation bytes of each atomic layer for a batch of ``batch`` (train mode, real tensors).
+
+    Activation memory is linear in the batch size, so costs measured at a small batch rank splits exactly as at the
+    training batch.
+    """
+    was_training = model.training
+    model.train()
+    h = torch.zeros(batch, *input_shape, requires_grad=True)
+    costs = []
+    for layer in model.layers:
+        h, cost = saved_bytes(layer, h, exclude=layer)
+        costs.append(cost)
+        h = h.detach().requires_grad_(True)
+    model.train(was_training)
+    return costs
+
+
+def head_costs(
+    model: nn.Module, method: str, options: dict[str, Any] | None, input_shape: tuple[int, ...], batch: int = 2
+) -> list[int]:
+    """Bytes the method's auxiliary net saves (plus the block output it reads) at every possible cut.
+
+    Entry j is the cost of a block that ends just before layer j (j = 1 .. L−2), from a throw-away learner cut
+    after every feature layer; entry 0 and the last are 0.
+    """
+    import copy
+
+    from locallearn.data import Batch
+    from locallearn.learner import LocalLearner
+
+    probe_model = copy.deepcopy(model)
+    n = probe_model.num_layers() - 1  # feature layers
+    learner = LocalLearner(probe_model, method, n, "layerwise", input_shape=input_shape, method_options=options)
+    raw = torch.rand(batch, *input_shape)
+    batch_obj = Batch(raw, torch.arange(batch) % 2, raw)
+    costs = [0] * (probe_model.num_layers())
+    h = raw
+    with torch.no_grad():
+        outputs = []
+        for block in learner.blocks[:-1]:
+            h = block(h)
+            outputs.append(h)
+    for k, out in enumerate(outputs):
+        out = out.detach().requires_grad_(True)
+        _, cost = saved_bytes(
+            lambda o, k=k: learner.method.local_loss(k, o, batch_obj).loss, out, exclude=learner.method
+        )
+        costs[k + 1] = cost + _output_bytes(out)
+    return costs
+
+
+def balanced_boundaries(layer_cost: list[int], cut_cost: list[int], k: int) -> list[int]:
+    """The K−1 boundaries minimising max over blocks of (Σ layer costs + the auxiliary cost at its end).
+
+    ``layer_cost`` has one entry per atomic layer (the classifier last, always in the last block); ``cut_cost[j]``
+    is the auxiliary cost of a block ending just before layer j. Exact dynamic programming, O(K·L²).
+    """
+    n = len(layer_cost) - 1  # feature layers; boundaries lie in 1..n-1
+    if not 1 <= k <= n:
+        raise UserError(f"K={k} does not fit a model with {n} layers to split: choose 1 <= K <= {n}")
+    prefix = [0]
+    for c in layer_cost:
+        prefix.append(prefix[-1] + c)
+    total = len(layer_cost)
+
+    def block(i: int, j: int) -> int:  # layers i..j-1; the last block (j = total) has no auxiliary net
+        return prefix[j] - prefix[i] + (cut_cost[j] if j < total else 0)
+
+    inf = float("inf")
+    # best[m][j]: minimal max cost of splitting layers 0..j-1 into m blocks
+    best = [[inf] * (total + 1) for _ in range(k + 1)]
+    arg = [[0] * (total + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for m in range(1, k + 1):
+        ends = [total] if m == k else range(m, n)
+        for j in ends:
+            for i in range(m - 1, j):
+                if best[m - 1][i] == inf:
+                    continue
+                cost = max(best[m - 1][i], block(i, j))
+                if cost < best[m][j]:
+                    best[m][j], arg[m][j] = cost, i
+    bounds, j = [], total
+    for m in range(k, 1, -1):
+        j = arg[m][j]
+        bounds.append(j)
+    return sorted(bounds)
+
+
+def split_cost(layer_cost: list[int], cut_cost: list[int], bounds: list[int]) -> int:
+    """The largest block's activation + auxiliary cost under ``bounds`` (what :func:`balanced_boundaries` minimises)."""
+    edges = [0, *bounds, len(layer_cost)]
+    return max(sum(layer_cost[a:b]) + (cut_cost[b] if b < len(layer_cost) else 0) for a, b in zip(edges, edges[1:]))
+
+
+def _frozen_safe_tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenSafeTracker(MemTracker):
+        """MemTracker registers a gradient hook on every parameter, which PyTorch refuses for frozen ones (MAN's EMA
+        copies). Unfreeze them only while the hooks are registered; frozen again, they never produce a gradient."""
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            frozen = [p for p in module.parameters() if not p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(True)
+            try:
+                return super()._track_module_params_and_buffers(module, install_grad_hooks)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
+
+    return FrozenSafeTracker
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak training memory in bytes and its parts at that moment (MemTracker's categories)."""
+
+    peak: int
+    parts: dict[str, int]
+
+
+def estimate_peak(
+    build, input_shape: tuple[int, ...], batch_size: int, num_classes: int, *, steps: int = 2, fake: bool = True
+) -> MemoryEstimate:
+    """Peak memory of ``steps`` training steps of the learner that ``build()`` returns.
+
+    Args:
+        build: a callable returning a fresh :class:`LocalLearner`; it is called inside ``FakeTensorMode`` when
+            ``fake`` so that no real memory is allocated.
+        input_shape: (C, H, W).
+        batch_size: the training batch.
+        num_classes: label range.
+        steps: training steps tracked (the second has the optimizer state, so ≥ 2).
+        fake: fake tensors (an estimate of any size) or real tensors (a measurement).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from locallearn.data import Batch
+
+    _FrozenSafeTracker = _frozen_safe_tracker_class()
+    ctx = FakeTensorMode() if fake else contextlib.nullcontext()
+    with ctx:
+        learner = build()
+        x = torch.rand(batch_size, *input_shape)
+        y = torch.randint(0, num_classes, (batch_size,))
+        tracker = _FrozenSafeTracker()
+        tracker.track_external(learner.model, learner.method, *learner.optimizers)
+        with tracker:
+            for _ in range(steps):
+                learner.train_step(Batch(x, y, x))
+                tracker.reset_mod_stats()
+        snapshot = tracker.get_tracker_snapshot("peak")
+    parts: dict[str, int] = {}
+    for per_device in snapshot.values():
+        for key, value in per_device.items():
+            name = key if isinstance(key, str) else key.value
+            parts[name] = parts.get(name, 0) + int(value)
+    return MemoryEstimate(peak=parts.pop("Total", sum(parts.values())), parts=parts)
