@@ -98,3 +98,109 @@ class Decoder(nn.Module):
         if tuple(h.shape[-2:]) != self.size:
             h = nn.functional.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
         return self.body(h)
+
+
+def bottleneck_head(shape: Shape, num_outputs: int, final_width: int) -> nn.Sequential:
+    """MAN's and InfoPro*'s ImageNet auxiliary classifier (MAN ``Exp on ImageNet/networks/InfoProAux.py``, methods.md
+    §1.4; InfoPro's Table 4 runs use the same one, §3.4).
+
+    conv1x1 C → C/4, BN, ReLU; conv3x3 stride 2 → F/8, BN, ReLU; conv3x3 stride 2 → F/4, BN, ReLU; conv1x1 → F, BN,
+    ReLU; global average pooling; Linear F → ``num_outputs``; F is ``final_width`` (2048 in a Bottleneck ResNet),
+    convs without bias. On a 512-channel layer2 map this is §1.4's head, 512→128→256→512→2048. On a 1024-channel
+    layer3 map it is 1024→256→256→512→2048, which is what the released code builds for 1024 channels (§1.4 only says
+    "the same pattern starting with 1024→256"): the middle widths follow the network's final width, not C, so the
+    literal C/4→C/2→C reading (256→512→1024) is *not* used.
+
+    Args:
+        shape: (C, H, W) of the input.
+        num_outputs: classes, or the contrastive feature dimension.
+        final_width: channels of the network's last feature map (the probed classifier input width).
+    """
+    c, f = shape[0], final_width
+    w1, w2, w3 = max(1, c // 4), max(1, f // 8), max(1, f // 4)
+    return nn.Sequential(
+        *conv_bn_relu(c, w1, kernel=1),
+        *conv_bn_relu(w1, w2, stride=2),
+        *conv_bn_relu(w2, w3, stride=2),
+        *conv_bn_relu(w3, f, kernel=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(f, num_outputs),
+    )
+
+
+def _ladder_width(level: int) -> int:
+    """Decoder width of a conv whose output is 1/2**level of the image side: 12, 32, 64, then doubling."""
+    return {1: 12, 2: 32}.get(level, 64 * 2 ** max(0, level - 3))
+
+
+class UpsamplingDecoder(nn.Sequential):
+    """MAN's and InfoPro*'s ImageNet reconstruction decoder (MAN ``InfoProAux.py``, methods.md §1.4).
+
+    conv1x1 C → w0, BN, ReLU; then n times [bilinear upsampling (``align_corners=True``) to about twice the size,
+    conv → w, BN, ReLU], the last of them replaced by conv3x3 → image channels and a sigmoid. n is the number of
+    doublings that reach the image size; the upsampling targets are ``ceil(S / 2**j)``, so the last lands exactly on
+    the image size even when the ratio is not a power of two. The rule, chosen to reproduce the released code:
+
+    * w0 = 64 + C/8: 128 for C = 512 (§1.4) and 192 for C = 1024 (§1.4's "1024→192");
+    * a conv whose output is 1/2**j of the image side has width 12 (j = 1), 32 (j = 2), 64 (j = 3) and doubles for
+      each further level; it is 3×3 for j ≤ 2 and 1×1 for j ≥ 3;
+    * convs keep their bias (the released decoder's do).
+
+    So 512×28×28 → 3×224×224 is §1.4's 128 → (56) 32 → (112) 12 → (224) 3, and 1024×14×14 is 192 → (28, 1×1) 64 →
+    (56) 32 → (112) 12 → (224) 3. §1.4 gives only the 192 start for 1024 channels; the 64-wide 1×1 stage at 28×28 is
+    read from the released ``InfoProAux.py``. Other C and sizes follow the same rule, unpublished.
+
+    Args:
+        shape: (C, H, W) of the input features.
+        image_shape: (C, H, W) of the image to reconstruct.
+    """
+
+    def __init__(self, shape: Shape, image_shape: Shape) -> None:
+        c, h, w = shape
+        image_c, image_h, image_w = image_shape
+        n = 0
+        while h * 2**n < image_h or w * 2**n < image_w:
+            n += 1
+        width = 64 + c // 8
+        layers: list[nn.Module] = [nn.Conv2d(c, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        for level in range(n - 1, 0, -1):
+            size = (math.ceil(image_h / 2**level), math.ceil(image_w / 2**level))
+            out, kernel = _ladder_width(level), 3 if level <= 2 else 1
+            layers += [
+                nn.Upsample(size=size, mode="bilinear", align_corners=True),
+                nn.Conv2d(width, out, kernel, 1, kernel // 2),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            width = out
+        if (h, w) != (image_h, image_w):
+            layers.append(nn.Upsample(size=(image_h, image_w), mode="bilinear", align_corners=True))
+        layers += [nn.Conv2d(width, image_c, 3, 1, 1), nn.Sigmoid()]
+        super().__init__(*layers)
+
+
+def infopro_head(spec: str, shape: Shape, num_outputs: int, final_width: int, hidden: int = 128) -> nn.Sequential:
+    """InfoPro's auxiliary classifier by name: ``"bottleneck"`` (:func:`bottleneck_head`, ImageNet) or a
+    ``"<n>c<m>f"`` spec (:func:`conv_fc_head`, CIFAR)."""
+    if spec == "bottleneck":
+        return bottleneck_head(shape, num_outputs, final_width)
+    import re
+
+    from locallearn.errors import UserError
+
+    if not re.fullmatch(r"\d+c\d+f", spec):
+        raise UserError(f"head {spec!r} is neither 'bottleneck' nor of the form <n>c<m>f (e.g. 1c2f, 2c2f)")
+    return conv_fc_head(spec, shape, num_outputs, final_width, hidden)
+
+
+def infopro_decoder(kind: str, shape: Shape, image_shape: Shape, width: int = 12) -> nn.Module:
+    """InfoPro's reconstruction decoder by name: ``"infopro"`` (:class:`Decoder`, CIFAR) or ``"upsampling"``
+    (:class:`UpsamplingDecoder`, ImageNet; ``width`` is not used there)."""
+    if kind == "infopro":
+        return Decoder(shape, image_shape, width)
+    if kind == "upsampling":
+        return UpsamplingDecoder(shape, image_shape)
+    from locallearn.errors import UserError
+
+    raise UserError(f"unknown decoder {kind!r}: use infopro (CIFAR) or upsampling (ImageNet)")

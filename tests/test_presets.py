@@ -4,7 +4,7 @@ import pytest
 
 from locallearn import LocalLearner, create_model
 from locallearn.config import RunConfig, load_yaml, preset_names
-from locallearn.data.info import CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO
+from locallearn.data.info import CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO, synthetic_info
 
 INFO = {i.name: i for i in (CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO)}
 RUNNABLE = [p for p in preset_names() if not p.startswith("recipes/") and p != "parity/common"]
@@ -14,7 +14,8 @@ RUNNABLE = [p for p in preset_names() if not p.startswith("recipes/") and p != "
 def test_preset_builds(name):
     cfg = RunConfig()
     load_yaml(cfg, name)
-    info = INFO[cfg.data.name]
+    d = cfg.data
+    info = INFO.get(d.name) or synthetic_info(d.image_size, d.in_channels, d.num_classes)
     channels = cfg.data.channels or info.in_channels
     size = cfg.data.pad_to or info.image_size[0]
     model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=channels)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from locallearn.errors import UserError
-from locallearn.heads import Decoder, conv_fc_head
+from locallearn.heads import infopro_decoder, infopro_head
 from locallearn.losses import supcon_loss
 from locallearn.methods.base import LocalMethod, LocalOutput, MethodConfig, SetupInfo, register_method
 
@@ -39,9 +39,15 @@ log = logging.getLogger("locallearn")
 class InfoProConfig(MethodConfig):
     """Attributes:
     loss_mode: "cross_entropy" (InfoPro Softmax) or "contrast" (InfoPro Contrast, SupCon on ``feature_dim`` outputs).
-    head: auxiliary classifier spec "<n>c<m>f" (InfoPro's default 1c2f; MAN's code uses 2c2f).
+    head: auxiliary classifier: a spec "<n>c<m>f" (InfoPro's CIFAR default 1c2f; MAN's CIFAR code uses 2c2f), or
+        "bottleneck", the ImageNet head of InfoPro*/MAN (conv1x1 C→C/4, two stride-2 conv3x3, conv1x1 → the network's
+        final width, GAP, Linear; methods.md §1.4, :func:`locallearn.heads.bottleneck_head`).
     feature_dim: hidden width of the head's linear layers and the contrastive embedding size (f = 128).
-    decoder_width: channels of the decoder's hidden conv (12).
+    decoder: reconstruction decoder: "infopro" (CIFAR: upsample to the image size, conv3x3 → ``decoder_width``,
+        conv3x3 → image; :class:`locallearn.heads.Decoder`) or "upsampling" (ImageNet: conv1x1, then bilinear ×2 stages
+        with shrinking widths, 128 → 32 → 12 → 3 from a 512×28×28 map; methods.md §1.4,
+        :class:`locallearn.heads.UpsamplingDecoder`).
+    decoder_width: channels of the "infopro" decoder's hidden conv (12).
     lambda_recon_first: λ1 (reconstruction weight) at the first local block (ixx_1).
     lambda_task_first: λ2 (task-loss weight) at the first local block (ixy_1).
     lambda_recon_last: λ1 at the last local block (ixx_2).
@@ -55,6 +61,7 @@ class InfoProConfig(MethodConfig):
 
     loss_mode: str = "cross_entropy"
     head: str = "1c2f"
+    decoder: str = "infopro"
     feature_dim: int = 128
     decoder_width: int = 12
     lambda_recon_first: float = 5.0
@@ -95,9 +102,11 @@ class InfoPro(LocalMethod):
         local = range(len(info.blocks) - 1)
         shapes = [self.aux_shape(k, info) for k in local]
         self.heads = nn.ModuleList(
-            conv_fc_head(cfg.head, s, outputs, info.feature_width, cfg.feature_dim) for s in shapes
+            infopro_head(cfg.head, s, outputs, info.feature_width, cfg.feature_dim) for s in shapes
         )
-        self.decoders = nn.ModuleList(Decoder(s, info.image_shape, cfg.decoder_width) for s in shapes)
+        self.decoders = nn.ModuleList(
+            infopro_decoder(cfg.decoder, s, info.image_shape, cfg.decoder_width) for s in shapes
+        )
         r = ramp_positions(cfg, info)
         self.lambdas = [
             (

@@ -1,6 +1,10 @@
 """Models as lists of atomic layers, the registry that builds them, and the splitter that cuts them."""
 
-from locallearn.models import resnet_cifar  # noqa: F401  (registers resnet20/32/56/110)
+from locallearn.models import (  # noqa: F401  (importing registers the architectures)
+    resnet_cifar,  # resnet20/32/56/110
+    resnet_imagenet,  # resnet18/34/50/101/152, resnext101_32x8d
+    vgg,  # vgg13
+)
 from locallearn.models.layered import LayeredModel
 from locallearn.models.registry import MODELS
 from locallearn.models.split import describe_split, resolve_split, split_model, split_names

@@ -15,6 +15,10 @@ true block count. Where a paper's name for a split differs, the preset says so:
   "K=16" on ResNet-32 is ``--split man --K 15`` and its "K=55" on ResNet-110 is ``--split man --K 54``.
 * ``man++`` — MAN++'s released ``config.py``: MAN's cuts plus the stem as a block of its own, so its "K=8" is
   ``--K 9``, "K=16" ``--K 16``, "K=32" ``--K 33`` and "K=55" ``--K 55``.
+* ``dgl`` — DGL's (ICML 2020) VGG-13 "block size 3" split for ImageNet, K=4 (its K=10 is ``layerwise``).
+* ImageNet ResNets (``resnet101``, ``resnet152``, ``resnext101_32x8d``, ``resnet34``) under ``infopro`` (InfoPro*
+  K=2, methods.md §3.4), ``man`` (K=2, 4; §1.4) and ``man++`` (K=2, 4; §2.1). There the stem stays in block 1 for
+  all three, so MAN++'s ImageNet K equals MAN's.
 * ``even`` — any K: the feature layers dealt into K contiguous groups of near-equal count.
 * ``layerwise`` — any K: each of the first K-1 feature layers is a block of its own and the rest form the last
   block. AugLocal's "K=16, d=2" on ResNet-32 is ``--split layerwise --K 14`` (it merges the last d layers).
@@ -84,11 +88,28 @@ PRESETS: dict[str, dict[str, dict[int, list[Cut]]]] = {
 PRESETS["man++"] = {
     arch: {k + 1: [(0, 0), *cuts] for k, cuts in table.items()} for arch, table in PRESETS["man"].items()
 }
+
+# ImageNet networks (resnet_imagenet.py, vgg.py). Cut (S, i) is "after layerS[i]"; no table has a stem cut, so MAN++'s
+# entries are set here rather than derived from MAN's above.
+PRESETS["infopro"]["resnet101"] = {2: [(2, 0)]}  # InfoPro* K=2, methods.md §3.4
+PRESETS["infopro"]["resnet152"] = {2: [(2, 5)]}
+PRESETS["infopro"]["resnext101_32x8d"] = {2: [(2, 2)]}
+_MAN_IMAGENET_K4: list[Cut] = [(3, 0), (3, 9), (3, 17)]  # MAN @8047fb2 configs.py, methods.md §1.4
+PRESETS["man"]["resnet101"] = {2: [(2, 0)], 4: _MAN_IMAGENET_K4}
+PRESETS["man"]["resnet152"] = {2: [(2, 5)], 4: _MAN_IMAGENET_K4}
+PRESETS["man"]["resnext101_32x8d"] = {2: [(2, 0)], 4: _MAN_IMAGENET_K4}
+PRESETS["man"]["resnet34"] = {2: [(2, 0)], 4: [(2, 0), (3, 0), (3, 5)]}
+PRESETS["man++"]["resnet101"] = {2: [(2, 0)], 4: [(2, 2), (3, 8), (3, 16)]}  # methods.md §2.1; K=2 as MAN
+PRESETS["man++"]["resnet152"] = {2: [(2, 5)], 4: [(2, 6), (3, 13), (3, 25)]}
+PRESETS["man++"]["resnext101_32x8d"] = {2: [(2, 0)], 4: [(2, 2), (3, 8), (3, 16)]}
+PRESETS["man++"]["resnet34"] = {2: [(2, 0)]}
+# DGL's VGG-13 "block size 3" (README): after conv units 3, 6, 9 (conv2_1, conv3_2, conv5_1); K=10 is ``layerwise``.
+PRESETS["dgl"] = {"vgg13": {4: [(2, 0), (3, 1), (5, 0)]}}
 SPLITTERS = ("even", "layerwise")
 
 
 def split_names() -> list[str]:
-    return sorted([*SPLITTERS, *PRESETS])
+    return sorted([*SPLITTERS, "balanced", *PRESETS])
 
 
 def even_boundaries(num_feature_layers: int, k: int) -> list[int]:
