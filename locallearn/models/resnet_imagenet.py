@@ -65,9 +65,14 @@ def build_torchvision(
     """``constructor(weights=None, **kwargs)`` built on the meta device, then allocated and initialised once by
     ``init``. Same network and same initial distribution as torchvision's own construction, 2-3× faster on CPU
     (torchvision initialises every layer twice: PyTorch's default, then its own)."""
-    with torch.device("meta"):
+    from torch._guards import detect_fake_mode
+
+    if detect_fake_mode() is not None:  # memory estimation: meta tensors cannot enter FakeTensorMode
         model = constructor(weights=None, **kwargs)
-    model = model.to_empty(device=torch.get_default_device())
+    else:
+        with torch.device("meta"):
+            model = constructor(weights=None, **kwargs)
+        model = model.to_empty(device=torch.get_default_device())
     init(model)
     return model
 
