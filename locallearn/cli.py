@@ -50,7 +50,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", action="append", help="YAML config file (see configs/); repeatable, later files win; flags win"
     )
-    p.add_argument("--dataset", help="fashion-mnist (default), cifar10, svhn, stl10, synthetic")
+    p.add_argument("--dataset", help="fashion-mnist (default), cifar10, svhn, stl10, imagenet, synthetic")
     p.add_argument("--data-dir", help="dataset root (torchvision's layout)")
     p.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
     p.add_argument("--limit-train", type=int, help="use the first N training examples (default 10000)")
@@ -59,10 +59,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-channels", type=int, help="synthetic: image channels")
     p.add_argument("--num-classes", type=int, help="synthetic: classes")
     p.add_argument("--workers", type=int, help="data loader workers (file-backed datasets)")
-    p.add_argument("--arch", help="resnet20, resnet32 (default), resnet56, resnet110")
+    p.add_argument(
+        "--arch", help="resnet32 (default), resnet20/56/110, resnet18/34/50/101/152, resnext101_32x8d, vgg13"
+    )
     p.add_argument("--method", help="e2e, dgl (default), …: see `locallearn list`")
     p.add_argument("--K", type=int, help="number of gradient-isolated blocks (default: 1 for e2e, else 4)")
-    p.add_argument("--split", help="even (default) or a preset of published cuts: infopro, infopro-balanced, man")
+    p.add_argument(
+        "--split",
+        help="even (default), layerwise, balanced, or published cuts: infopro, infopro-balanced, man, man++, dgl",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
     p.add_argument("--batch-size", type=int)

@@ -166,7 +166,7 @@ def test_bad_input(tmp_path: Path) -> None:
     for kw in bad:
         with pytest.raises(UserError):
             load_arrays(DataConfig(name="synthetic", **kw))
-    assert set(DATASETS.names()) == {"fashion-mnist", "cifar10", "svhn", "stl10", "synthetic"}
+    assert set(DATASETS.names()) == {"fashion-mnist", "cifar10", "svhn", "stl10", "synthetic", "imagenet"}
 
 
 def test_fashion_mnist_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,9 +4,16 @@ import pytest
 
 from locallearn import LocalLearner, create_model
 from locallearn.config import RunConfig, load_yaml, preset_names
-from locallearn.data.info import CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO, synthetic_info
+from locallearn.data.info import (
+    CIFAR10_INFO,
+    FASHION_MNIST_INFO,
+    IMAGENET_INFO,
+    STL10_INFO,
+    SVHN_INFO,
+    synthetic_info,
+)
 
-INFO = {i.name: i for i in (CIFAR10_INFO, FASHION_MNIST_INFO, STL10_INFO, SVHN_INFO)}
+INFO = {i.name: i for i in (CIFAR10_INFO, FASHION_MNIST_INFO, IMAGENET_INFO, STL10_INFO, SVHN_INFO)}
 RUNNABLE = [p for p in preset_names() if not p.startswith("recipes/") and p != "parity/common"]
 
 
@@ -17,7 +24,7 @@ def test_preset_builds(name):
     d = cfg.data
     info = INFO.get(d.name) or synthetic_info(d.image_size, d.in_channels, d.num_classes)
     channels = cfg.data.channels or info.in_channels
-    size = cfg.data.pad_to or info.image_size[0]
+    size = cfg.data.pad_to or (cfg.data.crop_size if d.name == "imagenet" else info.image_size[0])
     model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=channels)
     learner = LocalLearner(
         model,

@@ -1,7 +1,8 @@
-"""In-memory datasets and batched on-device augmentation.
+"""Datasets and loaders.
 
 Small datasets are loaded whole as uint8 ``[N, C, H, W]`` tensors (:func:`load_arrays`) and served by an
-:class:`InMemoryLoader` whose order and augmentation are a pure function of ``(seed, epoch)``.
+:class:`InMemoryLoader` whose order and augmentation are a pure function of ``(seed, epoch)``. ImageNet is read from
+image files by a :class:`FolderLoader` (:mod:`locallearn.data.imagenet`) with the same interface and guarantee.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import torch
 
 from locallearn.data.config import DataConfig
 from locallearn.data.datasets import DATASETS, load_arrays
+from locallearn.data.imagenet import FolderLoader, build_imagenet
 from locallearn.data.info import DatasetInfo
 from locallearn.data.loader import Batch, InMemoryLoader
 
-__all__ = ["DATASETS", "Batch", "DataConfig", "DatasetInfo", "InMemoryLoader", "build_data", "load_arrays"]
+__all__ = [
+    "DATASETS", "Batch", "DataConfig", "DatasetInfo", "FolderLoader", "InMemoryLoader", "build_data", "load_arrays",
+]  # fmt: skip
 
 
 def build_data(
@@ -24,13 +28,16 @@ def build_data(
     device: torch.device | str = "cpu",
     eval_batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[InMemoryLoader, InMemoryLoader, DatasetInfo]:
+) -> tuple[InMemoryLoader | FolderLoader, InMemoryLoader | FolderLoader, DatasetInfo]:
     """Load ``cfg``'s dataset and wrap it in a train and a test loader.
+
+    ImageNet gets two :class:`FolderLoader` (images decoded and augmented per file, ``cfg.workers`` processes);
+    every other dataset two :class:`InMemoryLoader`. Both yield :class:`Batch` and have the same interface.
 
     Args:
         cfg: The data configuration.
         batch_size: Training batch size (the last short batch is dropped).
-        seed: Seed of the training order and augmentation (with the epoch, see :meth:`InMemoryLoader.set_epoch`).
+        seed: Seed of the training order and augmentation (with the epoch, see ``set_epoch``).
         device: Where the data and batches live.
         eval_batch_size: Test batch size; defaults to ``batch_size``.
         dtype: Floating dtype of the batches.
@@ -41,6 +48,8 @@ def build_data(
     Raises:
         UserError: Unknown dataset, bad option, or missing/corrupt files.
     """
+    if cfg.name == "imagenet":
+        return build_imagenet(cfg, batch_size, seed=seed, device=device, eval_batch_size=eval_batch_size, dtype=dtype)
     train_x, train_y, test_x, test_y, info = load_arrays(cfg)
     train = InMemoryLoader(
         train_x, train_y, info, batch_size, train=True, seed=seed, device=device, dtype=dtype, augment=cfg.augment

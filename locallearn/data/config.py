@@ -19,7 +19,9 @@ class DataConfig:
         pad_to: Zero-pad images symmetrically to this square size (e.g. 28 -> 32).
         channels: Repeat a 1-channel image to this many channels (e.g. 3).
         normalization: ``"dataset"`` (the dataset's own mean/std) or ``"cifar"`` (CIFAR-10 constants).
-        workers: For future file-backed datasets; in-memory loaders ignore it.
+        workers: DataLoader worker processes of file-backed datasets (imagenet); in-memory loaders ignore it.
+        crop_size: ImageNet only: side of the square crop (RandomResizedCrop for training; resize to
+            ``crop_size * 256 / 224`` and centre crop for evaluation). ``image_size`` is the synthetic one.
         image_size: Synthetic only: side of the square images.
         in_channels: Synthetic only: number of channels.
         num_classes: Synthetic only: number of classes.
@@ -37,6 +39,7 @@ class DataConfig:
     channels: int | None = None
     normalization: str = "dataset"
     workers: int = 0
+    crop_size: int = 224  # imagenet only
     # synthetic only
     image_size: int = 32
     in_channels: int = 3

@@ -64,6 +64,16 @@ def stl10(cfg: DataConfig) -> Arrays:
     return arrays
 
 
+@DATASETS.register("imagenet")
+def imagenet(cfg: DataConfig) -> Arrays:
+    """ImageNet (ILSVRC-2012) in torchvision's ImageFolder layout: file-backed, see :mod:`locallearn.data.imagenet`."""
+    # Registered so that it is a known name (locallearn list, the CLI); build_data serves it from the files.
+    raise UserError(
+        "imagenet is read from image files, not loaded into memory: use locallearn.data.build_data, "
+        "which returns FolderLoaders for it, instead of load_arrays"
+    )
+
+
 @DATASETS.register("synthetic")
 def synthetic(cfg: DataConfig) -> Arrays:
     """Random images with a class-dependent low-frequency pattern: learnable, so above-chance accuracy means something.

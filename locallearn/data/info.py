@@ -20,6 +20,10 @@ CIFAR10_STD: tuple[float, ...] = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 FASHION_MNIST_MEAN: tuple[float, ...] = (0.2860,)
 FASHION_MNIST_STD: tuple[float, ...] = (0.3530,)
 
+# ImageNet per-channel statistics of the [0, 1] images, the constants every torchvision ImageNet model was trained with.
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -74,6 +78,10 @@ FASHION_MNIST_INFO = DatasetInfo(
 CIFAR10_INFO = DatasetInfo("cifar10", 10, 3, (32, 32), CIFAR10_MEAN, CIFAR10_STD, 4, "reflect", True, CIFAR10_CLASSES)
 SVHN_INFO = DatasetInfo("svhn", 10, 3, (32, 32), (0.5,) * 3, (0.5,) * 3, 2, "constant", False, SVHN_CLASSES)
 STL10_INFO = DatasetInfo("stl10", 10, 3, (96, 96), (0.5,) * 3, (0.5,) * 3, 4, "constant", True, STL10_CLASSES)
+# ImageNet is file-backed (locallearn.data.imagenet): its RandomResizedCrop + flip run per image in the DataLoader, so
+# crop_padding is 0. The 1000 classes and 224x224 size are the defaults; the loader takes the class count and names
+# from the train folder (so a subset of class folders works) and the size from DataConfig.crop_size.
+IMAGENET_INFO = DatasetInfo("imagenet", 1000, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD, 0, "constant", True)
 
 
 def synthetic_info(image_size: int, in_channels: int, num_classes: int) -> DatasetInfo:
