@@ -40,6 +40,15 @@ TRAIN_FLAGS = {
 }
 
 
+def _limit(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of examples or 'all'") from None
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -53,8 +62,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, svhn, stl10, imagenet, synthetic")
     p.add_argument("--data-dir", help="dataset root (torchvision's layout)")
     p.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
-    p.add_argument("--limit-train", type=int, help="use the first N training examples (default 10000)")
-    p.add_argument("--limit-test", type=int, help="use the first N test examples")
+    p.add_argument(
+        "--limit-train",
+        type=_limit,
+        help="use the first N training examples, or 'all' (default 10000: the short demo run)",
+    )
+    p.add_argument("--limit-test", type=_limit, help="use the first N test examples, or 'all' (default)")
     p.add_argument("--image-size", type=int, help="synthetic: image side")
     p.add_argument("--in-channels", type=int, help="synthetic: image channels")
     p.add_argument("--num-classes", type=int, help="synthetic: classes")
@@ -91,7 +104,10 @@ def build_config(args: argparse.Namespace, overrides: list[str]):
         load_yaml(cfg, path)
     for flag, dotted in TRAIN_FLAGS.items():
         value = getattr(args, flag)
-        if value is not None:
+        if value == "all":
+            value = None  # --limit-train all: no limit
+            set_field(cfg, dotted, value)
+        elif value is not None:
             set_field(cfg, dotted, value)
     if args.download:
         cfg.data.download = True

@@ -127,6 +127,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     learner = build_learner(cfg, info, device, total_steps, steps_per_epoch)
+    if cfg.data.limit_train is not None and cfg.data.name != "synthetic":
+        log.warning(
+            "training on the first %d examples of %s (--limit-train; 'all' for the full set)",
+            train_loader.num_examples,
+            cfg.data.name,
+        )
     out = prepare_run_dir(cfg)
     dump_yaml(cfg, out / "config.yaml")
     log.info(
