@@ -181,7 +181,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> None:
     from locallearn.compare import compare
 
     command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command))
+    print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command, args.rows))
 
 
 def cmd_list(_: argparse.Namespace) -> None:
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         help="overrides applied to every run, e.g. train.epochs=2 data.limit_train=2000",
     )
     p_cmp.add_argument("--out", required=True, help="directory for runs/, results.json and table.md")
+    p_cmp.add_argument("--rows", nargs="*", help="run only the rows whose name contains one of these words")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -141,9 +141,19 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare(suite: str, seeds: list[int], ks: list[int], common: list[str], out: Path, command: str) -> str:
+def compare(
+    suite: str,
+    seeds: list[int],
+    ks: list[int],
+    common: list[str],
+    out: Path,
+    command: str,
+    only: list[str] | None = None,
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = parity_rows() if suite == "parity" else method_rows(ks)
+    if only:
+        rows = [r for r in rows if any(word in r.name for word in only)]
     start = time.time()
     results = run_suite(rows, seeds, common, out)
     text = "\n".join(
