@@ -189,3 +189,23 @@ def test_inference_ignores_every_auxiliary_part(method):
         for p in learner.method.parameters():
             p.add_(1.0)
         assert torch.equal(learner.model(batch.x), expected)
+
+
+@pytest.mark.parametrize("method", ["infopro", "infopro+man"])
+def test_infopro_heads_use_the_reference_init_unless_asked(method):
+    """Both released codebases draw their auxiliary convs as the backbone's: N(0, 2/(k·k·C_out)); ``torch`` keeps
+    PyTorch's default (std 1/sqrt(3·fan_in))."""
+
+    def conv_stds(learner):
+        convs = [
+            m for m in [*learner.method.heads.modules(), *learner.method.decoders.modules()] if isinstance(m, nn.Conv2d)
+        ]
+        return [(c, c.weight.std().item()) for c in convs]
+
+    for conv, std in conv_stds(learner_for(method, options={"head": "2c2f"}, shape=(3, 32, 32))):
+        assert std == pytest.approx(math.sqrt(2 / (conv.kernel_size[0] ** 2 * conv.out_channels)), rel=0.35)
+    for conv, std in conv_stds(learner_for(method, options={"head": "2c2f", "head_init": "torch"}, shape=(3, 32, 32))):
+        fan_in = conv.in_channels * conv.kernel_size[0] ** 2
+        assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.35)
+    with pytest.raises(UserError, match="head_init"):
+        learner_for(method, options={"head_init": "xavier"})

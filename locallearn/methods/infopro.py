@@ -31,6 +31,7 @@ from locallearn.errors import UserError
 from locallearn.heads import infopro_decoder, infopro_head
 from locallearn.losses import supcon_loss
 from locallearn.methods.base import LocalMethod, LocalOutput, MethodConfig, SetupInfo, register_method
+from locallearn.models.resnet_cifar import reference_conv_init
 
 log = logging.getLogger("locallearn")
 
@@ -57,6 +58,10 @@ class InfoProConfig(MethodConfig):
     lambda_ramp_k: the K in those formulas; None means the true block count. MAN's code uses its nominal "K=16"
         for its 15-block ResNet-32 split, so the faithful preset sets 16.
     temperature: SupCon temperature τ (and base temperature), 0.07.
+    head_init: "reference" (default): the heads' and decoders' convolutions are drawn as the backbone's,
+        N(0, 2/(k·k·C_out)), BN weight 1 / bias 0, linear layers keep PyTorch's default, because both released
+        codebases (InfoPro's and MAN's, CIFAR and ImageNet) build their auxiliary nets before their global init loop;
+        "torch": PyTorch's default initialisation for every head layer.
     """
 
     loss_mode: str = "cross_entropy"
@@ -71,6 +76,7 @@ class InfoProConfig(MethodConfig):
     lambda_ramp: str = "block"
     lambda_ramp_k: int | None = None
     temperature: float = 0.07
+    head_init: str = "reference"
 
 
 def ramp_positions(cfg: InfoProConfig, info: SetupInfo) -> list[float]:
@@ -98,6 +104,8 @@ class InfoPro(LocalMethod):
         cfg = self.config
         if cfg.loss_mode not in ("cross_entropy", "contrast"):
             raise UserError(f"unknown loss_mode {cfg.loss_mode!r}: use cross_entropy or contrast")
+        if cfg.head_init not in ("reference", "torch"):
+            raise UserError(f"unknown head_init {cfg.head_init!r}: use reference or torch")
         outputs = info.num_classes if cfg.loss_mode == "cross_entropy" else cfg.feature_dim
         local = range(len(info.blocks) - 1)
         shapes = [self.aux_shape(k, info) for k in local]
@@ -107,6 +115,9 @@ class InfoPro(LocalMethod):
         self.decoders = nn.ModuleList(
             infopro_decoder(cfg.decoder, s, info.image_shape, cfg.decoder_width) for s in shapes
         )
+        if cfg.head_init == "reference":
+            for module in (*self.heads, *self.decoders):
+                reference_conv_init(module)
         r = ramp_positions(cfg, info)
         self.lambdas = [
             (

@@ -59,8 +59,9 @@ class Classifier(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def init_weights(module: nn.Module) -> None:
-    """The InfoPro/MAN CIFAR initialisation: conv ~ N(0, 2/(k·k·C_out)), BN weight 1 / bias 0, linear bias 0."""
+def reference_conv_init(module: nn.Module) -> None:
+    """The InfoPro/MAN init loop: conv weight ~ N(0, 2/(k·k·C_out)) (He, fan-out), conv bias and linear layers left as
+    PyTorch made them, BN weight 1 / bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -68,7 +69,13 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear) and m.bias is not None:
+
+
+def init_weights(module: nn.Module) -> None:
+    """The InfoPro/MAN CIFAR initialisation (:func:`reference_conv_init`), plus linear biases set to 0."""
+    reference_conv_init(module)
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
 
