@@ -166,6 +166,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
         method_options=options,
         ks=args.K,
         splits=args.split,
+        local_checkpointing=args.local_checkpointing,
         time_steps=args.time_steps,
         warmup_steps=args.warmup_steps,
         device=str(resolve_device(args.device)),
@@ -215,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--method", default="infopro+man")
     p_bench.add_argument("--K", type=int, nargs="+", default=[2, 3, 4])
     p_bench.add_argument("--split", nargs="+", default=["even", "balanced"])
+    p_bench.add_argument(
+        "--local-checkpointing",
+        nargs="+",
+        default=["none"],
+        choices=["none", "aux", "stage", "stage+aux"],
+        help="recomputation for the local rows (aux: each auxiliary-net segment; see locallearn.recompute)",
+    )
     p_bench.add_argument("--time-steps", type=int, default=3, help="timed training steps per row (0: memory only)")
     p_bench.add_argument("--warmup-steps", type=int, default=1)
     p_bench.add_argument("--device", default="auto")

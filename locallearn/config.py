@@ -47,7 +47,9 @@ class TrainConfig:
     amp: "none" or "bf16" autocast.
     step_order: "per_block" (each block steps after its own backward) or "after_all" (reference order).
     channels_last: NHWC memory format for weights and inputs (faster on CPU oneDNN and GPU tensor cores).
-    checkpointing: "none" or "stage" (activation checkpointing per stage inside each block).
+    checkpointing: what to recompute in backward instead of storing: "none", "stage" (each stage inside each
+        block), "aux" (each segment of each auxiliary net: MAN copies, heads, decoders) or "stage+aux"
+        (see locallearn.recompute).
     out: run directory (None: runs/<time>-<method>-<arch>-K<k>).
     overwrite: allow writing into a non-empty run directory.
     save_checkpoint: write checkpoint.pt at the end.

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from locallearn import engine
+from locallearn import engine, recompute
 from locallearn.data import Batch
 from locallearn.errors import UserError
 from locallearn.heads import Shape
 from locallearn.methods import LocalMethod, SetupInfo, create_method
 from locallearn.models import LayeredModel, describe_split, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
+
+CHECKPOINTING = ("none", "stage", "aux", "stage+aux")
 
 
 class CheckpointedSequential(nn.Module):
@@ -39,7 +41,7 @@ class CheckpointedSequential(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for segment in self.segments[:-1]:
             if self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(segment, x, use_reentrant=False)
+                x = recompute.checkpoint(segment, x, modules=(segment,))
             else:
                 x = segment(x)
         return self.segments[-1](x)
@@ -48,8 +50,8 @@ class CheckpointedSequential(nn.Module):
 def checkpoint_by_stage(model: LayeredModel, block: nn.Sequential, start: int) -> nn.Module:
     """Group a block's layers by stage (stem, stage 1, …) and checkpoint each group but the last.
 
-    BatchNorm layers in a recomputed group update their running statistics twice per step, as with any
-    ``torch.utils.checkpoint`` use; training arithmetic is otherwise unchanged.
+    The recomputation restores BatchNorm running statistics (see :mod:`locallearn.recompute`), so a step leaves
+    parameters and buffers bit-identical to a step without checkpointing.
     """
     groups: list[list[nn.Module]] = []
     last_stage = None
@@ -63,14 +65,22 @@ def checkpoint_by_stage(model: LayeredModel, block: nn.Sequential, start: int) -
 
 
 def balanced_split(
-    model: LayeredModel, method: str, options: dict | None, input_shape: tuple, k: int | None
+    model: LayeredModel,
+    method: str,
+    options: dict | None,
+    input_shape: tuple,
+    k: int | None,
+    recompute_aux: bool = False,
 ) -> list[int]:
     """Memory-balanced boundaries for ``k`` blocks (see :mod:`locallearn.memory`)."""
     from locallearn.memory import balanced_boundaries, head_costs, layer_costs
 
     if k is None:
         raise UserError("--split balanced needs --K")
-    cut = head_costs(model, method, options, input_shape) if k > 1 else [0] * model.num_layers()
+    if k > 1:
+        cut = head_costs(model, method, options, input_shape, recompute_aux=recompute_aux)
+    else:
+        cut = [0] * model.num_layers()
     return balanced_boundaries(layer_costs(model, input_shape), cut, k)
 
 
@@ -99,8 +109,9 @@ class LocalLearner:
         step_order: "per_block" or "after_all" (see :mod:`locallearn.engine`).
         device: where the model and the method live.
         amp: None or "bf16".
-        checkpointing: "none" or "stage": recompute each stage's activations in the backward pass
-            (``torch.utils.checkpoint``), the memory-saving alternative local learning is measured against.
+        checkpointing: what to recompute in the backward pass instead of storing (:mod:`locallearn.recompute`):
+            "none"; "stage" (each stage of each block: the memory-saving alternative local learning is measured
+            against); "aux" (each segment of each auxiliary net: MAN's copies, heads, decoders); "stage+aux".
         channels_last: keep weights and inputs in NHWC memory format. Same arithmetic, different kernels: on a
             2-core CPU (oneDNN) it made ResNet-32 end-to-end 19 % faster and InfoPro+MAN K=15 40 % faster; on GPUs it
             is the tensor-core layout.
@@ -126,6 +137,8 @@ class LocalLearner:
     ) -> None:
         if step_order not in engine.STEP_ORDERS:
             raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(engine.STEP_ORDERS)}")
+        if checkpointing not in CHECKPOINTING:
+            raise UserError(f"unknown checkpointing {checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
         self.device = torch.device(device)
         self.model = _to_device(model, self.device)
         self.method = create_method(method, method_options) if isinstance(method, str) else method
@@ -134,16 +147,17 @@ class LocalLearner:
         if isinstance(split, list):
             self.bounds = list(split)
         elif split == "balanced":
-            self.bounds = balanced_split(model, self.method.name, method_options, tuple(input_shape), K)
+            self.bounds = balanced_split(
+                model, self.method.name, method_options, tuple(input_shape), K, recompute_aux="aux" in checkpointing
+            )
         else:
             self.bounds = resolve_split(model, split, K)
         self.blocks = split_model(model, self.bounds)
-        if checkpointing == "stage":
+        if "stage" in checkpointing:
             self.blocks = [
                 checkpoint_by_stage(model, block, start) for block, start in zip(self.blocks, [0, *self.bounds])
             ]
-        elif checkpointing != "none":
-            raise UserError(f"unknown checkpointing {checkpointing!r}: use none or stage")
+        self.method.recompute_aux = "aux" in checkpointing
         if K is not None and len(self.blocks) != K:
             raise UserError(f"split {split!r} gives {len(self.blocks)} blocks, not K={K}")
         self.input_shape = tuple(input_shape)

@@ -67,12 +67,20 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) 
 
 
 def head_costs(
-    model: nn.Module, method: str, options: dict[str, Any] | None, input_shape: tuple[int, ...], batch: int = 2
+    model: nn.Module,
+    method: str,
+    options: dict[str, Any] | None,
+    input_shape: tuple[int, ...],
+    batch: int = 2,
+    recompute_aux: bool = False,
 ) -> list[int]:
-    """Bytes the method's auxiliary net saves (plus the block output it reads) at every possible cut.
+    """Bytes the method's auxiliary net keeps for backward (plus the block output it reads) at every possible cut.
 
     Entry j is the cost of a block that ends just before layer j (j = 1 .. L−2), from a throw-away learner cut
-    after every feature layer; entry 0 and the last are 0.
+    after every feature layer; entry 0 and the last are 0. Each auxiliary-net segment (``LocalMethod.aux_segment``:
+    MAN's copies, a head, a decoder) is measured on its own. Stored, the segments' activations add up; with
+    ``recompute_aux`` (``checkpointing="aux"``) only the inputs of the segments stay and one segment at a time is
+    rebuilt in backward, so the cost is the inputs plus the largest segment.
     """
     import copy
 
@@ -82,6 +90,29 @@ def head_costs(
     probe_model = copy.deepcopy(model)
     n = probe_model.num_layers() - 1  # feature layers
     learner = LocalLearner(probe_model, method, n, "layerwise", input_shape=input_shape, method_options=options)
+    method_module = learner.method
+    segments: list[int] = []
+    inputs: dict[int, int] = {}
+    if recompute_aux:
+        skip = {t.untyped_storage().data_ptr() for t in [*method_module.parameters(), *method_module.buffers()]}
+
+        def probing_segment(modules, fn, *args):
+            own = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if isinstance(a, Tensor)}
+            inputs.update(own)  # a recomputed segment keeps only its inputs between forward and backward
+            seen: dict[int, int] = {}
+
+            def pack(t: Tensor) -> Tensor:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in skip and ptr not in own:
+                    seen[ptr] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # innermost: the outer count skips it
+                out = fn(*args)
+            segments.append(sum(seen.values()))
+            return out
+
+        method_module.aux_segment = probing_segment  # instance attribute: this learner is thrown away
     raw = torch.rand(batch, *input_shape)
     batch_obj = Batch(raw, torch.arange(batch) % 2, raw)
     costs = [0] * (probe_model.num_layers())
@@ -93,10 +124,13 @@ def head_costs(
             outputs.append(h)
     for k, out in enumerate(outputs):
         out = out.detach().requires_grad_(True)
-        _, cost = saved_bytes(
-            lambda o, k=k: learner.method.local_loss(k, o, batch_obj).loss, out, exclude=learner.method
-        )
-        costs[k + 1] = cost + _output_bytes(out)
+        segments.clear()
+        inputs.clear()
+        _, rest = saved_bytes(lambda o, k=k: method_module.local_loss(k, o, batch_obj).loss, out, exclude=method_module)
+        inputs.pop(out.untyped_storage().data_ptr(), None)  # counted below as the block output
+        inputs.pop(raw.untyped_storage().data_ptr(), None)  # the batch exists anyway
+        aux = sum(inputs.values()) + max(segments, default=0)  # both 0 unless recompute_aux
+        costs[k + 1] = rest + aux + _output_bytes(out)
     return costs
 
 

@@ -105,7 +105,7 @@ class AugLocal(LocalMethod):
         return list(self.heads[k].parameters()) if k < len(self.heads) else []
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
-        logits = self.heads[k](self.aux_input(k, h))
+        logits = self.aux_segment((self.heads[k],), self.heads[k], self.aux_input(k, h))
         return LocalOutput(F.cross_entropy(logits, batch.y), logits)
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from locallearn import recompute
 from locallearn.errors import UserError
 from locallearn.heads import Shape
 from locallearn.registry import Registry
@@ -80,6 +81,7 @@ class LocalMethod(nn.Module):
 
     name: str = "base"
     config_class: type[MethodConfig] = MethodConfig
+    recompute_aux: bool = False  # set by LocalLearner(checkpointing="aux"): see aux_segment
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()
@@ -116,6 +118,14 @@ class LocalMethod(nn.Module):
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
         raise NotImplementedError(f"{self.name} defines no auxiliary loss for block {k}")
+
+    def aux_segment(self, modules: tuple[nn.Module, ...], fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one segment of an auxiliary net (``fn(*args)``, which uses ``modules``). With ``recompute_aux`` its
+        activations are recomputed in backward rather than kept (:func:`locallearn.recompute.checkpoint`), so the
+        segments of a block's auxiliary net never hold their activations at the same time. Same arithmetic."""
+        if not self.recompute_aux:
+            return fn(*args)
+        return recompute.checkpoint(fn, *args, modules=modules)
 
     def after_step(self, k: int) -> None:
         """Called after block k's optimizer step (MAN's EMA update lives here)."""

@@ -46,7 +46,7 @@ class DGL(LocalMethod):
         return list(self.heads[k].parameters()) if k < len(self.heads) else []
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
-        logits = self.heads[k](self.aux_input(k, h))
+        logits = self.aux_segment((self.heads[k],), self.heads[k], self.aux_input(k, h))
         return LocalOutput(F.cross_entropy(logits, batch.y), logits)
 
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:

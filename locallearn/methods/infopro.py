@@ -142,15 +142,18 @@ class InfoPro(LocalMethod):
         loss = torch.zeros((), device=h.device)
         logits = None
         if l1 != 0 or both:
-            loss = loss + l1 * F.binary_cross_entropy(self.decoders[k](y).float(), batch.raw.float())
+            loss = loss + l1 * self.aux_segment((self.decoders[k],), self._reconstruction_loss, k, y, batch.raw)
         if l2 != 0 or both:
-            out = self.heads[k](y)
+            out = self.aux_segment((self.heads[k],), self.heads[k], y)
             if self.config.loss_mode == "cross_entropy":
                 logits = out
                 loss = loss + l2 * F.cross_entropy(out, batch.y)
             else:
                 loss = loss + l2 * supcon_loss(out, batch.y, self.config.temperature, self.config.temperature)
         return LocalOutput(loss, logits)
+
+    def _reconstruction_loss(self, k: int, y: Tensor, raw: Tensor) -> Tensor:
+        return F.binary_cross_entropy(self.decoders[k](y).float(), raw.float())
 
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:
         if k >= len(self.heads) or self.config.loss_mode != "cross_entropy":

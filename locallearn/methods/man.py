@@ -94,6 +94,9 @@ class MomentumAuxiliary:
         return info.layer_shapes[info.bounds[k]]  # the output of block k+1's first layer
 
     def aux_input(self, k: int, h: Tensor) -> Tensor:
+        return self.aux_segment((self.learnable[k], self.ema[k]), self._copies, k, h)
+
+    def _copies(self, k: int, h: Tensor) -> Tensor:
         if self.scales is None:
             return self.learnable[k](h) + self.ema[k](h)
         s = self.scales[k]
