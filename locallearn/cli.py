@@ -182,7 +182,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> None:
     from locallearn.compare import compare
 
     command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command, args.rows))
+    print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command, args.rows, args.protocol))
 
 
 def cmd_list(_: argparse.Namespace) -> None:
@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp.add_argument("--suite", choices=["parity", "methods"], default="methods")
     p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p_cmp.add_argument("--K", type=int, nargs="+", default=[4, 16], help="methods suite: nominal K values")
+    p_cmp.add_argument(
+        "--protocol",
+        choices=["default", "parity"],
+        default="default",
+        help="methods suite: 'parity' runs every method under the official code's Fashion-MNIST protocol "
+        "(methods.md §9: 3x32x32, 10,000 images, 3 epochs); --set overrides still apply on top",
+    )
     p_cmp.add_argument(
         "--set",
         nargs="*",

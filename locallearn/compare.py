@@ -65,15 +65,22 @@ def paper_split(method: str, k: int) -> tuple[str, int]:
     return "even", k
 
 
-def method_rows(ks: list[int]) -> list[Row]:
-    rows = [Row("E2E", [], ["train.method=e2e", "train.K=1"])]
+PROTOCOLS = {"default": [], "parity": ["parity/common"]}  # base presets of the methods suite
+
+
+def method_rows(ks: list[int], protocol: str = "default") -> list[Row]:
+    """E2E and six local methods at each nominal K. ``protocol="parity"`` runs them under methods.md §9's protocol
+    exactly (preset ``parity/common``: 3×32×32 padded Fashion-MNIST, first 10,000 images, 3 epochs, batch 128, the
+    official optimizer, schedule and step order), each method with its own defaults otherwise."""
+    base = PROTOCOLS[protocol]
+    rows = [Row("E2E", base, ["train.method=e2e", "train.K=1"])]
     for k in ks:
         for method in ("dgl", "infopro", "dgl+man", "infopro+man", "man++", "auglocal"):
             split, true_k = paper_split(method, k)
             rows.append(
                 Row(
                     f"{method}, K={k} ({split}: {true_k} blocks)",
-                    [],
+                    base,
                     [f"train.method={method}", f"train.K={true_k}", f"train.split={split}"],
                 )
             )
@@ -149,9 +156,10 @@ def compare(
     out: Path,
     command: str,
     only: list[str] | None = None,
+    protocol: str = "default",
 ) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    rows = parity_rows() if suite == "parity" else method_rows(ks)
+    rows = parity_rows() if suite == "parity" else method_rows(ks, protocol)
     if only:
         rows = [r for r in rows if any(word in r.name for word in only)]
     start = time.time()

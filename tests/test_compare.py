@@ -43,3 +43,18 @@ def test_compare_writes_a_table(tmp_path, capsys):
     assert len(results) == 2 * 7  # e2e + six local methods, two seeds each
     table = (tmp_path / "table.md").read_text()
     assert table in out and "| auglocal, K=2 (even: 2 blocks) | 2 |" in table and " ± " in table
+
+
+def test_parity_protocol_puts_every_method_on_the_official_settings():
+    from locallearn.compare import method_rows
+    from locallearn.config import RunConfig, apply_overrides, load_yaml
+
+    rows = method_rows([4], protocol="parity")
+    assert len(rows) == 7 and all(r.presets == ["parity/common"] for r in rows)
+    cfg = RunConfig()
+    for preset in rows[3].presets:
+        load_yaml(cfg, preset)
+    apply_overrides(cfg, rows[3].overrides)
+    assert (cfg.data.pad_to, cfg.data.channels, cfg.data.limit_train) == (32, 3, 10000)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.step_order) == (3, 128, "after_all")
+    assert cfg.train.method == "dgl+man" and cfg.optim.nesterov
