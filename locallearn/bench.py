@@ -242,9 +242,11 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     if timed:
         panels.append(("training throughput (img/s)", lambda r: r.images_per_second))
     for ax, (ylabel, value) in zip(axes[0], panels):
-        for split in dict.fromkeys(r.split for r in rows[2:]):
-            pts = [(r.K, value(r)) for r in rows[2:] if r.split == split]
-            ax.plot(*zip(*pts), marker="o", label=f"local, {split} split")
+        for split, recomputed in dict.fromkeys((r.split, r.checkpointing) for r in rows[2:]):
+            pts = [(r.K, value(r)) for r in rows[2:] if (r.split, r.checkpointing) == (split, recomputed)]
+            plain = recomputed == "none"
+            label = f"local, {split} split" + ("" if plain else f", {recomputed} recomputed")
+            ax.plot(*zip(*pts), marker="o", linestyle="-" if plain else "--", label=label)
         ax.axhline(value(e2e), color="k", linestyle="--", label="E2E")
         ax.axhline(value(ckpt), color="gray", linestyle=":", label="E2E + checkpointing")
         ax.set_xlabel("K (blocks)")
