@@ -7,6 +7,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a half type (bf16 autocast), else unchanged: a loss computed in float64 stays in
+    float64 (casting it down would round sigmoid outputs near 1 to exactly 1, where BCE's gradient is clamped)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07, base_temperature: float = 0.07) -> Tensor:
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020), one view per image, as InfoPro (Contrast) uses it.
 
@@ -18,7 +24,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07, bas
         features: [B, D] head outputs.
         labels: [B] class indices.
     """
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(at_least_fp32(features), dim=1)
     logits = z @ z.T / temperature  # [B, B]
     self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))

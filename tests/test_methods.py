@@ -209,3 +209,28 @@ def test_infopro_heads_use_the_reference_init_unless_asked(method):
         assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.35)
     with pytest.raises(UserError, match="head_init"):
         learner_for(method, options={"head_init": "xavier"})
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains_under_bf16_autocast(method):
+    """``--amp bf16``: finite losses, and every block's parameters move (losses that need float32 are cast up)."""
+    learner = learner_for(method, k=None if method == "e2e" else 3, amp="bf16", shape=(3, 16, 16))
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    stats = learner.train_step(make_batches(1, shape=(3, 16, 16))[0])
+    assert all(torch.isfinite(v) for k, v in stats.items() if k.startswith("loss/"))
+    assert all(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()) if a.dim() == 4)
+
+
+@pytest.mark.parametrize("method", ["infopro+man", "man++"])
+def test_float64_training_keeps_losses_in_float64(method):
+    """A float64 model gets float64 losses (no cast down to float32), so it can be compared with a reference
+    implementation to ~1e-15 (``benchmarks/official_man.py diff --double``)."""
+    learner = learner_for(method, options={"loss_mode": "cross_entropy"}, shape=(3, 16, 16))
+    learner.model.double()
+    learner.method.double()
+    batch = make_batches(1, shape=(3, 16, 16))[0]
+    batch = type(batch)(batch.x.double(), batch.y, batch.x.double().sigmoid())
+    method = learner.method
+    y = method.aux_input(0, learner.blocks[0](batch.x))
+    assert method._reconstruction_loss(0, y, batch.raw).dtype == torch.float64
+    assert method.local_loss(0, learner.blocks[0](batch.x), batch).loss.dtype == torch.float64

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from locallearn.errors import UserError
 from locallearn.heads import infopro_decoder, infopro_head
-from locallearn.losses import supcon_loss
+from locallearn.losses import at_least_fp32, supcon_loss
 from locallearn.methods.base import LocalMethod, LocalOutput, MethodConfig, SetupInfo, register_method
 from locallearn.models.resnet_cifar import reference_conv_init
 
@@ -153,7 +153,10 @@ class InfoPro(LocalMethod):
         return LocalOutput(loss, logits)
 
     def _reconstruction_loss(self, k: int, y: Tensor, raw: Tensor) -> Tensor:
-        return F.binary_cross_entropy(self.decoders[k](y).float(), raw.float())
+        out = at_least_fp32(self.decoders[k](y))
+        # BCE in float32 (or float64), outside autocast: CUDA's autocast refuses binary_cross_entropy outright.
+        with torch.autocast(out.device.type, enabled=False):
+            return F.binary_cross_entropy(out, raw.to(out.dtype))
 
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:
         if k >= len(self.heads) or self.config.loss_mode != "cross_entropy":

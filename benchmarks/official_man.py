@@ -1,0 +1,207 @@
+"""Run the released MAN code (JunhaoSu0/MAN @a6d20c5, InfoPro+MAN, CIFAR ResNet-32) on locallearn's §9 data.
+
+Not part of the package and not a test (CI has no copy of the official code). Two jobs, both on the parity protocol of
+``shared/reference/methods.md`` §9 (``locallearn/presets/parity/infopro_man.yaml``):
+
+``diff``  Builds the official model and locallearn's faithful InfoPro+MAN preset, copies the official initial weights
+          into locallearn (every backbone layer, learnable and EMA copy, 2c2f head and decoder), feeds both the same
+          batches and reports, after every step, the largest relative difference over every parameter and buffer.
+          ``--double`` runs both in float64, where an identical algorithm agrees to ~1e-15 and any real difference
+          (an update order, a λ, an EMA timing) shows as ~1e-3 or more within a step or two.
+``train`` Trains the official model for the protocol's 234 steps on locallearn's batches (same data order and
+          augmentation as ``locallearn compare --suite parity`` for that seed) and prints test accuracy per epoch,
+          so the official code's seed-to-seed spread can be measured on identical data.
+
+The official code is imported unchanged from ``--man-repo`` (a checkout or ``git archive`` of the repository); its
+``.cuda()`` calls are made no-ops by patching ``Tensor.cuda``/``Module.cuda`` in this process, which is the only change
+(methods.md §9's "changed only to run on CPU"). Its ``_image_restore`` is replaced by the batch's un-normalised image
+(``Batch.raw``), which is what it computes, without the float32 rounding that methods.md §9 warns about.
+
+    python benchmarks/official_man.py diff  --man-repo /tmp/MAN --steps 5 --double
+    OMP_NUM_THREADS=1 python benchmarks/official_man.py train --man-repo /tmp/MAN --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from locallearn.config import RunConfig, find_config, load_yaml
+from locallearn.data import build_data
+from locallearn.runner import build_learner
+
+STEPS = 234  # 3 epochs of 78 batches of 128
+
+
+def import_official(man_repo: Path):
+    """Import the released ``networks.resnetInfoPro_MAN`` with ``.cuda()`` turned into a no-op."""
+    code = man_repo / "Exp on CIFAR-SVHN-STL"
+    if not (code / "networks" / "resnetInfoPro_MAN.py").is_file():
+        sys.exit(f"--man-repo {man_repo}: no 'Exp on CIFAR-SVHN-STL/networks/resnetInfoPro_MAN.py' there")
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    sys.path.insert(0, str(code))
+    import networks.resnetInfoPro_MAN as official  # noqa: PLC0415 (needs the path above)
+
+    return official
+
+
+def official_model(official) -> nn.Module:
+    """The README's ResNet-32 "K=16" InfoPro+MAN (15 blocks), 2c2f, cross-entropy, m = 0.995."""
+    return official.resnet32(
+        local_module_num=16, batch_size=128, image_size=32, balanced_memory=False, dataset="cifar10",
+        class_num=10, wide_list=(16, 16, 32, 64), dropout_rate=0, aux_net_config="2c2f",
+        local_loss_mode="cross_entropy", aux_net_widen=1, aux_net_feature_dim=128, momentum=0.995,
+    )  # fmt: skip
+
+
+def official_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """train.py's optimizer: one SGD over every parameter (the frozen EMA copies get no gradient, so no step)."""
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def official_step(model, opt, batch, t: int) -> None:
+    """train.py's iteration: zero_grad, the forward (which runs every local backward), one step; cosine per step."""
+    for group in opt.param_groups:
+        group["lr"] = 0.05 * (1 + math.cos(math.pi * t / STEPS))
+    model._image_restore = lambda img: batch.raw
+    opt.zero_grad()
+    model(img=batch.x, target=batch.y, ixx_1=5, ixy_1=0.5, ixx_2=0, ixy_2=0)
+    opt.step()
+
+
+def official_accuracy(model, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            logits, _ = model(img=batch.x, target=batch.y)
+            correct += (logits.argmax(1) == batch.y).sum().item()
+            total += batch.y.numel()
+    model.train()
+    return 100.0 * correct / total
+
+
+def parity_config() -> RunConfig:
+    cfg = RunConfig()
+    load_yaml(cfg, find_config("parity/infopro_man"))
+    cfg.train.channels_last = False  # same kernels as the official model, for the float64 comparison
+    return cfg
+
+
+def module_pairs(learner, model) -> list[tuple[str, nn.Module, nn.Module, tuple[str, ...]]]:
+    """(name, locallearn module, official module, official state keys to skip), in matching state_dict order.
+
+    locallearn's layer j (1..15) is the official ``layer{s}[l]`` with s = (j−1)//5 + 1, l = (j−1) % 5; block k's
+    auxiliary net belongs to the next block's first layer ``bounds[k]``, which names the official head and decoder.
+    The official decoder's first conv has a bias in front of a train-mode BatchNorm (its gradient is exactly 0);
+    locallearn's has none, so it is zeroed there and skipped.
+    """
+
+    def position(j: int) -> tuple[int, int]:
+        return (j - 1) // 5 + 1, (j - 1) % 5
+
+    pairs = [("stem", learner.model.layers[0], nn.Sequential(model.conv1, model.bn1), ())]
+    for j in range(1, 16):
+        s, i = position(j)
+        pairs.append((f"layer{j}", learner.model.layers[j], getattr(model, f"layer{s}")[i], ()))
+    pairs.append(("classifier", learner.model.layers[16], nn.Sequential(model.fc64), ()))
+    method = learner.method
+    for k, bound in enumerate(learner.bounds):
+        s, i = position(bound)
+        decoder = getattr(model, f"decoder_{s}_{i}").decoder
+        with torch.no_grad():
+            decoder[0].bias.zero_()
+        pairs += [
+            (f"LB{k}", method.learnable[k], model.LB[k], ()),
+            (f"EMA{k}", method.ema[k], model.EMA_Net[k], ()),
+            (f"head{k}", method.heads[k], getattr(model, f"aux_classifier_{s}_{i}").head, ()),
+            (f"decoder{k}", method.decoders[k].body, decoder, ("0.bias",)),
+        ]
+    return pairs
+
+
+def _states(ours: nn.Module, theirs: nn.Module, skip: tuple[str, ...]):
+    a = list(ours.state_dict().items())
+    b = [(k, v) for k, v in theirs.state_dict().items() if k not in skip]
+    if len(a) != len(b):
+        raise RuntimeError(f"state sizes differ: {[k for k, _ in a]} vs {[k for k, _ in b]}")
+    for (ka, va), (kb, vb) in zip(a, b):
+        if va.shape != vb.shape:
+            raise RuntimeError(f"{ka} {tuple(va.shape)} vs {kb} {tuple(vb.shape)}")
+    return [(ka, va, vb) for (ka, va), (_, vb) in zip(a, b)]
+
+
+def diff(args) -> None:
+    official = import_official(args.man_repo)
+    dtype = torch.float64 if args.double else torch.float32
+    torch.manual_seed(args.seed)
+    cfg = parity_config()
+    train_loader, _, info = build_data(cfg.data, 128, seed=args.seed, device="cpu", dtype=dtype)
+    learner = build_learner(cfg, info, torch.device("cpu"), STEPS, len(train_loader))
+    model = official_model(official)
+    learner.model.to(dtype)
+    learner.method.to(dtype)
+    model.to(dtype).train()
+    pairs = module_pairs(learner, model)
+    with torch.no_grad():
+        for _, ours, theirs, skip in pairs:
+            for _, a, b in _states(ours, theirs, skip):
+                a.copy_(b)
+    opt = official_optimizer(model)
+    train_loader.set_epoch(0)
+    worst_overall = 0.0
+    for t, batch in zip(range(args.steps), train_loader):
+        official_step(model, opt, batch, t)
+        learner.train_step(batch)
+        rows = []
+        for name, ours, theirs, skip in pairs:
+            for key, a, b in _states(ours, theirs, skip):
+                if a.is_floating_point():
+                    rel = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+                    rows.append((rel if rel == rel else math.inf, f"{name}.{key}"))
+        rows.sort(key=lambda r: r[0], reverse=True)
+        worst_overall = max(worst_overall, rows[0][0])
+        print(f"step {t + 1}: largest relative difference {rows[0][0]:.2e} ({rows[0][1]}); next: "
+              + ", ".join(f"{r:.1e} {n}" for r, n in rows[1:4]))  # fmt: skip
+    print(f"largest relative difference over {args.steps} steps ({dtype}): {worst_overall:.2e}")
+
+
+def train(args) -> None:
+    official = import_official(args.man_repo)
+    torch.manual_seed(args.seed)
+    cfg = parity_config()
+    train_loader, test_loader, _ = build_data(cfg.data, 128, seed=args.seed, device="cpu", eval_batch_size=1000)
+    model = official_model(official).train()
+    opt = official_optimizer(model)
+    t = 0
+    for epoch in range(3):
+        train_loader.set_epoch(epoch)
+        start = time.perf_counter()
+        for batch in train_loader:
+            official_step(model, opt, batch, t)
+            t += 1
+        seconds = time.perf_counter() - start
+        print(f"seed {args.seed} epoch {epoch + 1}: test accuracy {official_accuracy(model, test_loader):.2f} % "
+              f"({seconds:.1f} s train, {t} steps)", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("job", choices=["diff", "train"])
+    parser.add_argument("--man-repo", type=Path, required=True, help="checkout of JunhaoSu0/MAN")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=5, help="diff: steps to compare")
+    parser.add_argument("--double", action="store_true", help="diff: run both in float64")
+    args = parser.parse_args()
+    diff(args) if args.job == "diff" else train(args)
+
+
+if __name__ == "__main__":
+    main()
