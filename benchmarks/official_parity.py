@@ -1,29 +1,35 @@
-"""Run the released MAN code (JunhaoSu0/MAN @a6d20c5, InfoPro+MAN, CIFAR ResNet-32) on locallearn's §9 data.
+"""Run the released MAN (JunhaoSu0/MAN @a6d20c5) or InfoPro (blackfeather-wang/InfoPro-Pytorch @a38362a) CIFAR code
+on locallearn's §9 data: ResNet-32, InfoPro+MAN "K=16" (15 blocks, 2c2f) or InfoPro K=16 (16 blocks, 1c2f).
 
 Not part of the package and not a test (CI has no copy of the official code). Two jobs, both on the parity protocol of
 ``shared/reference/methods.md`` §9 (``locallearn/presets/parity/infopro_man.yaml``):
 
-``diff``  Builds the official model and locallearn's faithful InfoPro+MAN preset, copies the official initial weights
-          into locallearn (every backbone layer, learnable and EMA copy, 2c2f head and decoder), feeds both the same
+``diff``  Builds the official model and locallearn's faithful preset (``parity/infopro_man`` or ``parity/infopro``),
+          copies the official initial weights into locallearn (every backbone layer, learnable and EMA copy, auxiliary
+          classifier and decoder), feeds both the same
           batches and reports, after every step, the largest relative difference over every parameter and buffer.
           ``--double`` runs both in float64, where an identical algorithm agrees to ~1e-15 and any real difference
           (an update order, a λ, an EMA timing) shows as ~1e-3 or more within a step or two.
 ``train`` Trains the official model for the protocol's 234 steps on locallearn's batches (same data order and
           augmentation as ``locallearn compare --suite parity`` for that seed) and prints test accuracy per epoch,
-          so the official code's seed-to-seed spread can be measured on identical data.
+          so the official code's seed-to-seed spread can be measured on identical data. With ``--locallearn`` it
+          trains locallearn's preset instead, from the official model's initial weights for that seed (float32,
+          contiguous layout): the same run end to end in both codebases.
 
-The official code is imported unchanged from ``--man-repo`` (a checkout or ``git archive`` of the repository); its
+The official code is imported unchanged from ``--repo`` (a checkout or ``git archive`` of the repository); its
 ``.cuda()`` calls are made no-ops by patching ``Tensor.cuda``/``Module.cuda`` in this process, which is the only change
 (methods.md §9's "changed only to run on CPU"). Its ``_image_restore`` is replaced by the batch's un-normalised image
 (``Batch.raw``), which is what it computes, without the float32 rounding that methods.md §9 warns about.
 
-    python benchmarks/official_man.py diff  --man-repo /tmp/MAN --steps 5 --double
-    OMP_NUM_THREADS=1 python benchmarks/official_man.py train --man-repo /tmp/MAN --seed 1
+    python benchmarks/official_parity.py diff --code man --repo /tmp/MAN --steps 20 --double
+    python benchmarks/official_parity.py diff --code infopro --repo /tmp/InfoPro-Pytorch --steps 20 --double
+    OMP_NUM_THREADS=1 python benchmarks/official_parity.py train --code man --repo /tmp/MAN --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 import time
@@ -39,26 +45,35 @@ from locallearn.runner import build_learner
 STEPS = 234  # 3 epochs of 78 batches of 128
 
 
-def import_official(man_repo: Path):
-    """Import the released ``networks.resnetInfoPro_MAN`` with ``.cuda()`` turned into a no-op."""
-    code = man_repo / "Exp on CIFAR-SVHN-STL"
-    if not (code / "networks" / "resnetInfoPro_MAN.py").is_file():
-        sys.exit(f"--man-repo {man_repo}: no 'Exp on CIFAR-SVHN-STL/networks/resnetInfoPro_MAN.py' there")
+CODES = {  # --code: (folder in the repository, module under networks/, locallearn preset)
+    "man": ("Exp on CIFAR-SVHN-STL", "resnetInfoPro_MAN", "parity/infopro_man"),
+    "infopro": ("Experiments on CIFAR-SVHN-STL10", "resnet", "parity/infopro"),
+}
+
+
+def import_official(repo: Path, code: str):
+    """Import the released ``networks.<module>`` with ``.cuda()`` turned into a no-op."""
+    folder, module, _ = CODES[code]
+    root = repo / folder
+    if not (root / "networks" / f"{module}.py").is_file():
+        sys.exit(f"--repo {repo}: no '{folder}/networks/{module}.py' there (is it the {code} repository?)")
     torch.Tensor.cuda = lambda self, *a, **k: self
     nn.Module.cuda = lambda self, *a, **k: self
-    sys.path.insert(0, str(code))
-    import networks.resnetInfoPro_MAN as official  # noqa: PLC0415 (needs the path above)
-
-    return official
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"networks.{module}")
 
 
-def official_model(official) -> nn.Module:
-    """The README's ResNet-32 "K=16" InfoPro+MAN (15 blocks), 2c2f, cross-entropy, m = 0.995."""
-    return official.resnet32(
+def official_model(official, code: str) -> nn.Module:
+    """ResNet-32 "K=16" as methods.md §9 ran it: MAN's InfoPro+MAN (15 blocks, 2c2f, m = 0.995) or InfoPro (16 blocks,
+    1c2f), cross-entropy auxiliary loss."""
+    options = dict(
         local_module_num=16, batch_size=128, image_size=32, balanced_memory=False, dataset="cifar10",
-        class_num=10, wide_list=(16, 16, 32, 64), dropout_rate=0, aux_net_config="2c2f",
-        local_loss_mode="cross_entropy", aux_net_widen=1, aux_net_feature_dim=128, momentum=0.995,
+        class_num=10, wide_list=(16, 16, 32, 64), dropout_rate=0, local_loss_mode="cross_entropy",
+        aux_net_widen=1, aux_net_feature_dim=128,
     )  # fmt: skip
+    if code == "man":
+        return official.resnet32(aux_net_config="2c2f", momentum=0.995, **options)
+    return official.resnet32(aux_net_config="1c2f", **options)
 
 
 def official_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -88,39 +103,42 @@ def official_accuracy(model, loader) -> float:
     return 100.0 * correct / total
 
 
-def parity_config() -> RunConfig:
+def parity_config(code: str) -> RunConfig:
     cfg = RunConfig()
-    load_yaml(cfg, find_config("parity/infopro_man"))
+    load_yaml(cfg, find_config(CODES[code][2]))
     cfg.train.channels_last = False  # same kernels as the official model, for the float64 comparison
     return cfg
 
 
-def module_pairs(learner, model) -> list[tuple[str, nn.Module, nn.Module, tuple[str, ...]]]:
+def module_pairs(learner, model, code: str) -> list[tuple[str, nn.Module, nn.Module, tuple[str, ...]]]:
     """(name, locallearn module, official module, official state keys to skip), in matching state_dict order.
 
-    locallearn's layer j (1..15) is the official ``layer{s}[l]`` with s = (j−1)//5 + 1, l = (j−1) % 5; block k's
-    auxiliary net belongs to the next block's first layer ``bounds[k]``, which names the official head and decoder.
-    The official decoder's first conv has a bias in front of a train-mode BatchNorm (its gradient is exactly 0);
-    locallearn's has none, so it is zeroed there and skipped.
+    locallearn's layer 0 is the stem (official ``conv1``/``bn1``, position (0, 0)); layer j = 1..15 is the official
+    ``layer{s}[l]`` with s = (j−1)//5 + 1, l = (j−1) % 5. MAN's code names block k's auxiliary nets after the *next*
+    block's first layer (``bounds[k]``), InfoPro's after block k's own last layer (``bounds[k] − 1``). The official
+    decoder's first conv has a bias in front of a train-mode BatchNorm (its gradient is exactly 0); locallearn's has
+    none, so it is zeroed there and skipped.
     """
 
     def position(j: int) -> tuple[int, int]:
-        return (j - 1) // 5 + 1, (j - 1) % 5
+        return (0, 0) if j == 0 else ((j - 1) // 5 + 1, (j - 1) % 5)
 
     pairs = [("stem", learner.model.layers[0], nn.Sequential(model.conv1, model.bn1), ())]
     for j in range(1, 16):
         s, i = position(j)
         pairs.append((f"layer{j}", learner.model.layers[j], getattr(model, f"layer{s}")[i], ()))
-    pairs.append(("classifier", learner.model.layers[16], nn.Sequential(model.fc64), ()))
+    classifier = model.fc64 if code == "man" else model.fc
+    pairs.append(("classifier", learner.model.layers[16], nn.Sequential(classifier), ()))
     method = learner.method
     for k, bound in enumerate(learner.bounds):
-        s, i = position(bound)
+        s, i = position(bound if code == "man" else bound - 1)
         decoder = getattr(model, f"decoder_{s}_{i}").decoder
         with torch.no_grad():
             decoder[0].bias.zero_()
+        if code == "man":
+            pairs.append((f"LB{k}", method.learnable[k], model.LB[k], ()))
+            pairs.append((f"EMA{k}", method.ema[k], model.EMA_Net[k], ()))
         pairs += [
-            (f"LB{k}", method.learnable[k], model.LB[k], ()),
-            (f"EMA{k}", method.ema[k], model.EMA_Net[k], ()),
             (f"head{k}", method.heads[k], getattr(model, f"aux_classifier_{s}_{i}").head, ()),
             (f"decoder{k}", method.decoders[k].body, decoder, ("0.bias",)),
         ]
@@ -139,17 +157,17 @@ def _states(ours: nn.Module, theirs: nn.Module, skip: tuple[str, ...]):
 
 
 def diff(args) -> None:
-    official = import_official(args.man_repo)
+    official = import_official(args.repo, args.code)
     dtype = torch.float64 if args.double else torch.float32
     torch.manual_seed(args.seed)
-    cfg = parity_config()
+    cfg = parity_config(args.code)
     train_loader, _, info = build_data(cfg.data, 128, seed=args.seed, device="cpu", dtype=dtype)
     learner = build_learner(cfg, info, torch.device("cpu"), STEPS, len(train_loader))
-    model = official_model(official)
+    model = official_model(official, args.code)
     learner.model.to(dtype)
     learner.method.to(dtype)
     model.to(dtype).train()
-    pairs = module_pairs(learner, model)
+    pairs = module_pairs(learner, model, args.code)
     with torch.no_grad():
         for _, ours, theirs, skip in pairs:
             for _, a, b in _states(ours, theirs, skip):
@@ -174,31 +192,52 @@ def diff(args) -> None:
 
 
 def train(args) -> None:
-    official = import_official(args.man_repo)
+    official = import_official(args.repo, args.code)
     torch.manual_seed(args.seed)
-    cfg = parity_config()
-    train_loader, test_loader, _ = build_data(cfg.data, 128, seed=args.seed, device="cpu", eval_batch_size=1000)
-    model = official_model(official).train()
-    opt = official_optimizer(model)
+    cfg = parity_config(args.code)
+    train_loader, test_loader, info = build_data(cfg.data, 128, seed=args.seed, device="cpu", eval_batch_size=1000)
+    model = official_model(official, args.code).train()  # the official initial weights for this seed
+    if args.locallearn:  # locallearn's preset from those same weights: the whole run, official code vs ours
+        learner = build_learner(cfg, info, torch.device("cpu"), STEPS, len(train_loader))
+        with torch.no_grad():
+            for _, ours, theirs, skip in module_pairs(learner, model, args.code):
+                for _, a, b in _states(ours, theirs, skip):
+                    a.copy_(b)
+        del model
+    else:
+        opt = official_optimizer(model)
     t = 0
     for epoch in range(3):
         train_loader.set_epoch(epoch)
         start = time.perf_counter()
         for batch in train_loader:
-            official_step(model, opt, batch, t)
+            if args.locallearn:
+                learner.train_step(batch)
+            else:
+                official_step(model, opt, batch, t)
             t += 1
         seconds = time.perf_counter() - start
-        print(f"seed {args.seed} epoch {epoch + 1}: test accuracy {official_accuracy(model, test_loader):.2f} % "
+        accuracy = (
+            100 * learner.evaluate(test_loader)["test_accuracy"]
+            if args.locallearn
+            else official_accuracy(model, test_loader)
+        )
+        who = "locallearn from the official init" if args.locallearn else "official code"
+        print(f"{who}, seed {args.seed}, epoch {epoch + 1}: test accuracy {accuracy:.2f} % "
               f"({seconds:.1f} s train, {t} steps)", flush=True)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("job", choices=["diff", "train"])
-    parser.add_argument("--man-repo", type=Path, required=True, help="checkout of JunhaoSu0/MAN")
+    parser.add_argument("--code", choices=sorted(CODES), default="man", help="which released codebase")
+    parser.add_argument("--repo", type=Path, required=True, help="its checkout (JunhaoSu0/MAN or InfoPro-Pytorch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=5, help="diff: steps to compare")
     parser.add_argument("--double", action="store_true", help="diff: run both in float64")
+    parser.add_argument(
+        "--locallearn", action="store_true", help="train: run locallearn's preset from the official initial weights"
+    )
     args = parser.parse_args()
     diff(args) if args.job == "diff" else train(args)
 
