@@ -17,7 +17,7 @@ Not part of the package and not a test (CI has no copy of the official code). Tw
           contiguous layout): the same run end to end in both codebases.
 
 The official code is imported unchanged from ``--repo`` (a checkout or ``git archive`` of the repository); its
-``.cuda()`` calls are made no-ops by patching ``Tensor.cuda``/``Module.cuda`` in this process, which is the only change
+device moves are made no-ops by patching ``Tensor.cuda``/``Module.cuda`` in this process, which is the only change
 (methods.md §9's "changed only to run on CPU"). Its ``_image_restore`` is replaced by the batch's un-normalised image
 (``Batch.raw``), which is what it computes, without the float32 rounding that methods.md §9 warns about.
 
@@ -52,7 +52,7 @@ CODES = {  # --code: (folder in the repository, module under networks/, locallea
 
 
 def import_official(repo: Path, code: str):
-    """Import the released ``networks.<module>`` with ``.cuda()`` turned into a no-op."""
+    """Import the released ``networks.<module>`` with its ``cuda`` device moves turned into no-ops."""
     folder, module, _ = CODES[code]
     root = repo / folder
     if not (root / "networks" / f"{module}.py").is_file():
