@@ -156,6 +156,16 @@ def _states(ours: nn.Module, theirs: nn.Module, skip: tuple[str, ...]):
     return [(ka, va, vb) for (ka, va), (_, vb) in zip(a, b)]
 
 
+def copy_official_init(learner, model, code: str) -> list[tuple[str, nn.Module, nn.Module, tuple[str, ...]]]:
+    """Copy every official parameter and buffer into locallearn's learner; returns the module pairs."""
+    pairs = module_pairs(learner, model, code)
+    with torch.no_grad():
+        for _, ours, theirs, skip in pairs:
+            for _, a, b in _states(ours, theirs, skip):
+                a.copy_(b)
+    return pairs
+
+
 def diff(args) -> None:
     official = import_official(args.repo, args.code)
     dtype = torch.float64 if args.double else torch.float32
@@ -167,11 +177,7 @@ def diff(args) -> None:
     learner.model.to(dtype)
     learner.method.to(dtype)
     model.to(dtype).train()
-    pairs = module_pairs(learner, model, args.code)
-    with torch.no_grad():
-        for _, ours, theirs, skip in pairs:
-            for _, a, b in _states(ours, theirs, skip):
-                a.copy_(b)
+    pairs = copy_official_init(learner, model, args.code)
     opt = official_optimizer(model)
     train_loader.set_epoch(0)
     worst_overall = 0.0
@@ -199,10 +205,7 @@ def train(args) -> None:
     model = official_model(official, args.code).train()  # the official initial weights for this seed
     if args.locallearn:  # locallearn's preset from those same weights: the whole run, official code vs ours
         learner = build_learner(cfg, info, torch.device("cpu"), STEPS, len(train_loader))
-        with torch.no_grad():
-            for _, ours, theirs, skip in module_pairs(learner, model, args.code):
-                for _, a, b in _states(ours, theirs, skip):
-                    a.copy_(b)
+        copy_official_init(learner, model, args.code)
         del model
     else:
         opt = official_optimizer(model)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from locallearn.losses import at_least_fp32
+
 if TYPE_CHECKING:
     from locallearn.learner import LocalLearner
 
@@ -84,7 +86,7 @@ def evaluate(learner: LocalLearner, batches: Iterable) -> dict:
             if logits is not None:
                 has_head[k] = True
                 correct[k] += (logits.argmax(1) == batch.y).sum()
-        loss_sum += F.cross_entropy(h.float(), batch.y, reduction="sum")
+        loss_sum += F.cross_entropy(at_least_fp32(h), batch.y, reduction="sum")
         total += batch.y.numel()
     model.train(was_training)
     method.train(was_training)

@@ -213,7 +213,8 @@ def test_infopro_heads_use_the_reference_init_unless_asked(method):
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_trains_under_bf16_autocast(method):
-    """``--amp bf16``: finite losses, and every block's parameters move (losses that need float32 are cast up)."""
+    """``--amp bf16``: finite losses, and every conv weight of the backbone moves (losses that need float32 are cast
+    up; CUDA's refusal of binary_cross_entropy under autocast cannot be exercised on CPU)."""
     learner = learner_for(method, k=None if method == "e2e" else 3, amp="bf16", shape=(3, 16, 16))
     before = [p.detach().clone() for p in learner.model.parameters()]
     stats = learner.train_step(make_batches(1, shape=(3, 16, 16))[0])
@@ -224,7 +225,7 @@ def test_every_method_trains_under_bf16_autocast(method):
 @pytest.mark.parametrize("method", ["infopro+man", "man++"])
 def test_float64_training_keeps_losses_in_float64(method):
     """A float64 model gets float64 losses (no cast down to float32), so it can be compared with a reference
-    implementation to ~1e-15 (``benchmarks/official_man.py diff --double``)."""
+    implementation to ~1e-15 (``benchmarks/official_parity.py diff --double``)."""
     learner = learner_for(method, options={"loss_mode": "cross_entropy"}, shape=(3, 16, 16))
     learner.model.double()
     learner.method.double()
