@@ -20,7 +20,7 @@ import torch
 from locallearn.data import Batch
 from locallearn.errors import UserError
 from locallearn.learner import LocalLearner
-from locallearn.memory import balanced_boundaries, estimate_peak, head_costs, layer_costs, split_cost
+from locallearn.memory import balanced_boundaries, estimate_peak, split_cost, split_costs
 from locallearn.metrics import peak_memory, reset_peak_memory
 from locallearn.models import create_model, resolve_split
 
@@ -73,9 +73,7 @@ def _costs(cfg: BenchConfig, recompute_aux: bool = False) -> tuple[list[int], li
     """Per-layer and per-cut activation bytes of the benchmarked method, measured at batch 2."""
     model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return layer_costs(model, shape), head_costs(
-        model, cfg.method, cfg.method_options, shape, recompute_aux=recompute_aux
-    )
+    return split_costs(model, cfg.method, cfg.method_options, shape, recompute_aux)
 
 
 def _bounds(cfg: BenchConfig, k: int, split: str, costs: tuple[list[int], list[int]] | None) -> list[int]:

@@ -73,15 +73,13 @@ def balanced_split(
     recompute_aux: bool = False,
 ) -> list[int]:
     """Memory-balanced boundaries for ``k`` blocks (see :mod:`locallearn.memory`)."""
-    from locallearn.memory import balanced_boundaries, head_costs, layer_costs
+    from locallearn.memory import balanced_boundaries, split_costs
 
     if k is None:
         raise UserError("--split balanced needs --K")
-    if k > 1:
-        cut = head_costs(model, method, options, input_shape, recompute_aux=recompute_aux)
-    else:
-        cut = [0] * model.num_layers()
-    return balanced_boundaries(layer_costs(model, input_shape), cut, k)
+    if k == 1:
+        return []
+    return balanced_boundaries(*split_costs(model, method, options, input_shape, recompute_aux), k)
 
 
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:

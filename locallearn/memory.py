@@ -134,6 +134,18 @@ def head_costs(
     return costs
 
 
+def split_costs(
+    model: nn.Module,
+    method: str,
+    options: dict[str, Any] | None,
+    input_shape: tuple[int, ...],
+    recompute_aux: bool = False,
+) -> tuple[list[int], list[int]]:
+    """(per-layer, per-cut) saved bytes at batch 2: the two inputs of :func:`balanced_boundaries`."""
+    cuts = head_costs(model, method, options, input_shape, recompute_aux=recompute_aux)
+    return layer_costs(model, input_shape), cuts
+
+
 def balanced_boundaries(layer_cost: list[int], cut_cost: list[int], k: int) -> list[int]:
     """The K−1 boundaries minimising max over blocks of (Σ layer costs + the auxiliary cost at its end).
 
