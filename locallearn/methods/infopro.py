@@ -49,6 +49,9 @@ class InfoProConfig(MethodConfig):
         with shrinking widths, 128 → 32 → 12 → 3 from a 512×28×28 map; methods.md §1.4,
         :class:`locallearn.heads.UpsamplingDecoder`).
     decoder_width: channels of the "infopro" decoder's hidden conv (12).
+    decoder_form: order of arithmetic of the "infopro" decoder's upsampling and first conv: "auto" (default),
+        "direct" (the released code's) or "factored"; all three compute the same function
+        (:class:`locallearn.heads.Decoder`).
     lambda_recon_first: λ1 (reconstruction weight) at the first local block (ixx_1).
     lambda_task_first: λ2 (task-loss weight) at the first local block (ixy_1).
     lambda_recon_last: λ1 at the last local block (ixx_2).
@@ -69,6 +72,7 @@ class InfoProConfig(MethodConfig):
     decoder: str = "infopro"
     feature_dim: int = 128
     decoder_width: int = 12
+    decoder_form: str = "auto"
     lambda_recon_first: float = 5.0
     lambda_task_first: float = 0.05
     lambda_recon_last: float = 0.2
@@ -113,7 +117,7 @@ class InfoPro(LocalMethod):
             infopro_head(cfg.head, s, outputs, info.feature_width, cfg.feature_dim) for s in shapes
         )
         self.decoders = nn.ModuleList(
-            infopro_decoder(cfg.decoder, s, info.image_shape, cfg.decoder_width) for s in shapes
+            infopro_decoder(cfg.decoder, s, info.image_shape, cfg.decoder_width, cfg.decoder_form) for s in shapes
         )
         if cfg.head_init == "reference":
             for module in (*self.heads, *self.decoders):
