@@ -4,7 +4,9 @@ checkpointing, and local learning at several K and split strategies, on syntheti
 Memory: on every device an estimate from fake tensors (:func:`locallearn.memory.estimate_peak`: real training
 steps, no storage), split into parameters, gradients, optimizer state, activations and temporaries; on a GPU also the
 measured ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Throughput: warm-up steps, then timed
-steps on the chosen device (skipped with ``--time-steps 0``).
+steps on the chosen device (skipped with ``--time-steps 0``). Arithmetic: the floating-point operations of one
+training step per image (``torch.utils.flop_counter``, on fake tensors), whose ratio to end-to-end's is the
+throughput ratio a compute-bound device would give.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from locallearn.learner import LocalLearner
 from locallearn.memory import balanced_boundaries, estimate_peak, split_cost, split_costs
 from locallearn.metrics import peak_memory, reset_peak_memory
 from locallearn.models import create_model, resolve_split
+from locallearn.options import CHECKPOINTING
 
 MiB = 2**20
 
@@ -57,15 +60,15 @@ class Row:
     parts: dict[str, int]
     measured_peak_bytes: int | None = None
     images_per_second: float | None = None
+    flops_per_image: float | None = None
 
 
 def _rows(cfg: BenchConfig) -> list[tuple[str, str, int, str, str]]:
     rows = [("E2E", "e2e", 1, "even", "none"), ("E2E + checkpointing per stage", "e2e", 1, "even", "stage")]
-    suffix = {"none": "", "aux": " + aux recompute", "stage": " + stage ckpt", "stage+aux": " + stage ckpt + aux"}
     for k in cfg.ks:
         for split in cfg.splits:
             for ckpt in cfg.local_checkpointing:
-                rows.append((f"{cfg.method} K={k} {split}{suffix.get(ckpt, ckpt)}", cfg.method, k, split, ckpt))
+                rows.append((f"{cfg.method} K={k} {split}{CHECKPOINTING[ckpt]}", cfg.method, k, split, ckpt))
     return rows
 
 
@@ -138,6 +141,22 @@ def _time(cfg: BenchConfig, build, device: torch.device) -> tuple[float, int | N
     return cfg.batch_size * cfg.time_steps / seconds, peak if kind == "cuda_max_allocated" else None
 
 
+def train_flops_per_image(build, input_shape: tuple[int, ...], num_classes: int, batch_size: int = 2) -> float:
+    """Floating-point operations of one training step (forward, backward, optimizer) per image, counted by
+    ``FlopCounterMode`` on fake tensors (shapes only, nothing computed). Convolutions and matrix products are
+    counted (2 per multiply-add); element-wise work is not, which is why this is the compute-bound view."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode():
+        learner = build()
+        x = torch.rand(batch_size, *input_shape)
+        batch = Batch(x, torch.randint(0, num_classes, (batch_size,)), x)
+        with FlopCounterMode(display=False) as counter:
+            learner.train_step(batch)
+    return counter.get_total_flops() / batch_size
+
+
 def run_bench(cfg: BenchConfig, log=print) -> list[Row]:
     device = torch.device(cfg.device)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -156,6 +175,7 @@ def run_bench(cfg: BenchConfig, log=print) -> list[Row]:
         estimate_build = _builder(cfg, method, bounds, ckpt, torch.device("cpu"), channels_last=False)
         est = estimate_peak(estimate_build, shape, cfg.batch_size, cfg.num_classes)
         row = Row(label, method, k, split, ckpt, bounds, est.peak, est.parts)
+        row.flops_per_image = train_flops_per_image(estimate_build, shape, cfg.num_classes)
         if cfg.time_steps > 0:
             row.images_per_second, row.measured_peak_bytes = _time(cfg, build, device)
         results.append(row)
@@ -175,6 +195,8 @@ def format_row(row: Row, e2e: Row) -> str:
     speed = "" if row.images_per_second is None else f"  {row.images_per_second:8.1f} img/s"
     if row.images_per_second and e2e.images_per_second:
         speed += f" ({row.images_per_second / e2e.images_per_second:.2f}×)"
+    if row.flops_per_image and e2e.flops_per_image:
+        speed += f"  {row.flops_per_image / 1e9:.3g} GFLOP/img (bound {e2e.flops_per_image / row.flops_per_image:.2f}×)"
     return f"{row.label:<40} {row.estimated_peak_bytes / MiB:10.0f} MiB ({ratio:.2f}× E2E){speed}"
 
 
@@ -182,7 +204,7 @@ def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> s
     e2e = rows[0]
     head = (
         "| configuration | blocks | boundaries | est. peak MiB | × E2E | params | grads | optimizer | activations "
-        "| temp | measured peak MiB | img/s | × E2E |"
+        "| temp | measured peak MiB | img/s | × E2E | GFLOP/img | compute bound × E2E |"
     )
     lines = [
         f"Command: `{command}`",
@@ -191,7 +213,7 @@ def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> s
         f"{cfg.image_size}, batch {cfg.batch_size}, {cfg.num_classes} classes.",
         "",
         head,
-        "|" + "---|" * 13,
+        "|" + "---|" * 15,
     ]
     bound = e2e.parts.get("lower_bound")
     for r in rows:
@@ -203,13 +225,23 @@ def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> s
             if not (r.images_per_second and e2e.images_per_second)
             else f"{r.images_per_second / e2e.images_per_second:.2f}"
         )
+        flops = "–" if not r.flops_per_image else f"{r.flops_per_image / 1e9:.3g}"
+        bound_ratio = (
+            "–" if not (r.flops_per_image and e2e.flops_per_image) else f"{e2e.flops_per_image / r.flops_per_image:.2f}"
+        )
         lines.append(
             f"| {r.label} | {r.K} | {r.bounds} | {r.estimated_peak_bytes / MiB:.0f} | "
             f"{r.estimated_peak_bytes / e2e.estimated_peak_bytes:.2f} | {p.get('Parameter', 0) / MiB:.0f} | "
             f"{p.get('Gradient', 0) / MiB:.0f} | {p.get('Optstate', 0) / MiB:.0f} | "
             f"{p.get('Activation', 0) / MiB:.0f} | "
-            f"{p.get('Temp', 0) / MiB:.0f} | {measured} | {speed} | {ratio} |"
+            f"{p.get('Temp', 0) / MiB:.0f} | {measured} | {speed} | {ratio} | {flops} | {bound_ratio} |"
         )
+    lines += [
+        "",
+        "GFLOP/img: one training step's floating-point operations per image (convolutions and matrix products, "
+        "counted by `torch.utils.flop_counter`); compute bound: E2E's count over the row's, the throughput ratio a "
+        "device bound by arithmetic alone would give.",
+    ]
     if bound:
         lines += [
             "",

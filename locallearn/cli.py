@@ -12,6 +12,7 @@ import logging
 import sys
 
 from locallearn.errors import UserError
+from locallearn.options import AMP, CHECKPOINTING, STEP_ORDERS
 
 # named flag -> config field; every other field is reachable as --section.key=value
 TRAIN_FLAGS = {
@@ -88,8 +89,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--amp", choices=["none", "bf16"])
-    p.add_argument("--step-order", choices=["per_block", "after_all"])
+    p.add_argument("--amp", choices=AMP)
+    p.add_argument("--step-order", choices=STEP_ORDERS)
     p.add_argument("--out", help="run directory (default runs/<time>-<method>-<arch>-K<k>)")
     p.add_argument("--overwrite", action="store_true", default=None, help="allow a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "--local-checkpointing",
         nargs="+",
         default=["none"],
-        choices=["none", "aux", "stage", "stage+aux"],
+        choices=list(CHECKPOINTING),
         help="recomputation for the local rows (aux: each auxiliary-net segment; see locallearn.recompute)",
     )
     p_bench.add_argument("--time-steps", type=int, default=3, help="timed training steps per row (0: memory only)")

@@ -31,8 +31,6 @@ from locallearn.losses import at_least_fp32
 if TYPE_CHECKING:
     from locallearn.learner import LocalLearner
 
-STEP_ORDERS = ("per_block", "after_all")
-
 
 def autocast_context(device: torch.device, amp: str | None) -> ContextManager:
     """bf16 autocast when asked for, else a no-op context (nanoGPT's ``ctx``)."""

@@ -27,8 +27,7 @@ from locallearn.heads import Shape
 from locallearn.methods import LocalMethod, SetupInfo, create_method
 from locallearn.models import LayeredModel, describe_split, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
-
-CHECKPOINTING = ("none", "stage", "aux", "stage+aux")
+from locallearn.options import CHECKPOINTING, STEP_ORDERS
 
 
 class CheckpointedSequential(nn.Module):
@@ -133,8 +132,8 @@ class LocalLearner:
         channels_last: bool = False,
         checkpointing: str = "none",
     ) -> None:
-        if step_order not in engine.STEP_ORDERS:
-            raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(engine.STEP_ORDERS)}")
+        if step_order not in STEP_ORDERS:
+            raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(STEP_ORDERS)}")
         if checkpointing not in CHECKPOINTING:
             raise UserError(f"unknown checkpointing {checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
         self.device = torch.device(device)

@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from locallearn import LocalLearner, create_model
+from locallearn.bench import train_flops_per_image
 from locallearn.cli import main
 from locallearn.memory import balanced_boundaries, estimate_peak, head_costs, layer_costs, split_cost
 from locallearn.models import resolve_split
@@ -92,3 +94,23 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert labels[:2] == ["E2E", "E2E + checkpointing per stage"] and len(labels) == 2 + 2 * 2
     assert all(r["estimated_peak_bytes"] > 0 and r["images_per_second"] > 0 for r in data["rows"])
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "| E2E |" in out
+    flops = {r["label"]: r["flops_per_image"] for r in data["rows"]}
+    assert flops["E2E + checkpointing per stage"] > flops["E2E"] > 0  # recomputation is arithmetic too
+
+
+def test_train_flops_count_the_backward_and_see_the_decoder_form():
+    shape = (3, 32, 32)
+
+    def build(method, k=None, options=None):
+        return lambda: LocalLearner(
+            create_model("resnet20", in_channels=3), method, k, input_shape=shape, method_options=options
+        )
+
+    with FlopCounterMode(display=False) as counter:
+        create_model("resnet20", in_channels=3)(torch.rand(2, *shape))
+    forward = counter.get_total_flops() / 2
+    e2e = train_flops_per_image(build("e2e"), shape, 10)
+    assert 2.5 * forward < e2e < 3 * forward  # input and weight gradients, but none for the image itself
+    direct = train_flops_per_image(build("infopro", 4, {"decoder_form": "direct"}), shape, 10)
+    factored = train_flops_per_image(build("infopro", 4), shape, 10)  # "auto": the 8×8 decoders are factored
+    assert e2e < factored < 0.95 * direct

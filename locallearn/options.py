@@ -1,0 +1,23 @@
+"""Names of choices that both the CLI and the library check, in one torch-free place.
+
+The CLI builds its argument parser before importing torch (``locallearn --help`` stays instant), so these cannot live
+in the torch-importing modules that use them (:mod:`locallearn.learner`, :mod:`locallearn.engine`,
+:mod:`locallearn.bench`).
+"""
+
+from __future__ import annotations
+
+# what to recompute in the backward pass instead of storing (locallearn.recompute), and the suffix a benchmark row's
+# label gets for it
+CHECKPOINTING: dict[str, str] = {
+    "none": "",
+    "stage": " + stage ckpt",
+    "aux": " + aux recompute",
+    "stage+aux": " + stage ckpt + aux",
+}
+
+# when each block's optimizer steps (locallearn.engine)
+STEP_ORDERS: tuple[str, ...] = ("per_block", "after_all")
+
+# mixed precision: none, or bf16 autocast
+AMP: tuple[str, ...] = ("none", "bf16")
