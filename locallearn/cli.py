@@ -180,9 +180,12 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
 def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> None:
     from pathlib import Path
 
-    from locallearn.compare import compare
+    from locallearn.compare import compare, merge
 
     command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        print(merge([Path(d) for d in args.merge], Path(args.out), command))
+        return
     print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command, args.rows, args.protocol))
 
 
@@ -248,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_cmp.add_argument("--out", required=True, help="directory for runs/, results.json and table.md")
     p_cmp.add_argument("--rows", nargs="*", help="run only the rows whose name contains one of these words")
+    p_cmp.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: pool the results.json of earlier compare runs (e.g. one seed per process) into one table",
+    )
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

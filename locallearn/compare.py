@@ -9,6 +9,9 @@ machine. Two suites:
 * ``methods`` — all seven methods on Fashion-MNIST with ResNet-32 at the requested K, each at the split its paper
   uses for that K (so the true block count can differ: MAN's "K=16" is 15 blocks, AugLocal's K=16/d=2 is 14), under
   one stated schedule.
+
+``--merge`` trains nothing: it joins the ``results.json`` of earlier runs of the command (say one seed per process,
+run side by side, or one per machine session) into one table, naming each source's command.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from locallearn.config import RunConfig, apply_overrides, load_yaml
+from locallearn.errors import UserError
 from locallearn.runner import atomic_write, git_commit, train
 
 log = logging.getLogger("locallearn")
@@ -164,17 +169,58 @@ def compare(
         rows = [r for r in rows if any(word in r.name for word in only)]
     start = time.time()
     results = run_suite(rows, seeds, common, out)
+    header = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine()}; torch {torch.__version__}; git {git_commit() or 'unknown'}; "
+        f"{len(results)} runs in {(time.time() - start) / 60:.1f} min.",
+    ]
+    return write_table(suite, header, results, out)
+
+
+def gap_recovered(results: list[dict[str, Any]]) -> list[str]:
+    """MAN's effect, the quantity its paper reports: for every base method B with a B+MAN row at the same nominal K
+    (the ``K=<n>`` in the row name), the share of B's accuracy gap to E2E that MAN closes,
+    (acc(B+MAN) − acc(B)) / (acc(E2E) − acc(B)), on the seed means and per seed (seeds present in all three rows)."""
+    by_row: dict[tuple[str, int | None], dict[int, float]] = {}
+    for r in results:
+        match = re.search(r"K=(\d+)", r["row"])
+        key = (r["method"], int(match.group(1)) if match else None)
+        by_row.setdefault(key, {})[r["seed"]] = r["test_accuracy"]
+    e2e = next((accs for (method, _), accs in by_row.items() if method == "e2e"), None)
+    lines = []
+    for (method, k), man in by_row.items():
+        base = by_row.get((method.removesuffix("+man"), k)) if method.endswith("+man") else None
+        if e2e is None or base is None:
+            continue
+        seeds = sorted(set(e2e) & set(base) & set(man))
+        if not seeds:
+            continue
+        means = [statistics.mean(accs[s] for s in seeds) for accs in (e2e, base, man)]
+        per_seed = ", ".join(_share(e2e[s], base[s], man[s]) for s in seeds)
+        lines.append(
+            f"- K={k}: {method} closes {_share(*means)} of {method.removesuffix('+man')}'s gap to E2E on the means "
+            f"of seeds {seeds} (per seed: {per_seed})."
+        )
+    return lines
+
+
+def _share(e2e: float, base: float, man: float) -> str:
+    return f"{100 * (man - base) / (e2e - base):.0f} %" if e2e != base else "– (no gap)"
+
+
+def write_table(suite: str, header: list[str], results: list[dict[str, Any]], out: Path) -> str:
+    effect = gap_recovered(results)
     text = "\n".join(
         [
             f"## `{suite}` suite",
             "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine()}; torch {torch.__version__}; git {git_commit() or 'unknown'}; "
-            f"{len(results)} runs in {(time.time() - start) / 60:.1f} min.",
+            *header,
             "",
             table(results),
             "",
+            *effect,
+            *([""] if effect else []),
             "s/epoch includes the per-epoch test evaluation; img/s counts training only. Peak memory is "
             f"{results[0]['peak_memory_kind']}.",
             "",
@@ -182,3 +228,50 @@ def compare(
     )
     atomic_write(out / "table.md", text)
     return text
+
+
+def _source_command(directory: Path) -> str | None:
+    """The ``Command:`` line of an earlier run's table.md, if it wrote one."""
+    table_md = directory / "table.md"
+    if table_md.is_file():
+        for line in table_md.read_text().splitlines():
+            if line.startswith("Command: `"):
+                return line[len("Command: `") : -1]
+    return None
+
+
+def merge(directories: list[Path], out: Path, command: str) -> str:
+    """One table from the ``results.json`` of several earlier ``compare`` runs (no training).
+
+    Rows with the same name are pooled across sources, so seeds trained in separate processes get one mean ± std.
+    The throughput of runs trained side by side shares the machine; each source's command is listed.
+    """
+    results: list[dict[str, Any]] = []
+    header = [f"Command: `{command}`, merging:", ""]
+    for directory in directories:
+        path = directory / "results.json"
+        if not path.is_file():
+            raise UserError(f"--merge {directory}: no results.json there; give the --out of an earlier compare run")
+        try:
+            runs = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"--merge {directory}: results.json is not JSON ({err}): was it cut off?") from err
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and "row" in r for r in runs):
+            raise UserError(f"--merge {directory}: results.json is not a list of compare results")
+        results += runs
+        header.append(f"- `{directory}`: `{_source_command(directory) or 'command unknown'}`")
+    if not results:
+        raise UserError("--merge: the given directories hold no finished runs")
+    seen = {(r["row"], r["seed"]) for r in results}
+    if len(seen) < len(results):
+        raise UserError("--merge: the same row and seed appear twice; merge each run once")
+    devices = sorted({r.get("device_name", "?") for r in results})
+    commits = sorted({(r.get("git_commit") or "unknown")[:7] for r in results})
+    header += [
+        "",
+        f"Merged on {machine()}; runs on {', '.join(devices)}; torch "
+        f"{', '.join(sorted({r.get('torch', '?') for r in results}))}; git {', '.join(commits)}; {len(results)} runs.",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", json.dumps(results, indent=1))
+    return write_table("merged", header, results, out)
