@@ -125,7 +125,7 @@ class Decoder(nn.Module):
       upsampling: a conv1x1 with 9·width outputs at the block's own (low) resolution, then, per axis, one matrix
       product that upsamples and applies the tap shifts (and the conv's zero padding) at once. For a 64-channel 8×8
       map decoded to 32×32 that is 7× fewer multiply-adds and far less memory traffic (no 64-channel 32×32 tensor);
-      it agrees with the direct form to float64 rounding (``tests/test_methods.py``). Same parameters, same
+      it agrees with the direct form to float64 rounding (``tests/test_decoder.py``). Same parameters, same
       ``state_dict``: only the order of arithmetic differs.
     * ``"auto"`` (default): factored where it needs at most half the direct form's multiply-adds
       (:func:`upsampled_conv_macs`), else direct. On a 32×32 ResNet that is the 8×8 maps (×4 upsampling) but not the
