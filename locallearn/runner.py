@@ -41,14 +41,30 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def git_commit() -> str | None:
+def _describe_checkout() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
         )
-        return out.stdout.strip() if out.returncode == 0 else None
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# Read once, when the code is imported: a run records the commit of the code it is running, even if the checkout
+# moves on while it trains (a long benchmark outlives several commits); "-dirty" marks uncommitted changes.
+_CODE_COMMIT = _describe_checkout()
+
+
+def git_commit() -> str | None:
+    """The commit of the locallearn code this process imported (``<sha>`` or ``<sha>-dirty``), None outside git."""
+    return _CODE_COMMIT
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:

@@ -180,3 +180,15 @@ def test_the_console_script_exits_without_traceback(tmp_path):
 def test_list_names_everything(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0 and "resnet110" in out and "dgl" in out and "fashion-mnist" in out and "infopro" in out
+
+
+def test_runs_record_the_commit_of_the_code_they_imported(tmp_path, capsys, monkeypatch):
+    """A long benchmark outlives commits: the summary names the code that was loaded, not the checkout at the end."""
+    from locallearn import runner
+
+    loaded = runner.git_commit()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("git asked again after import"))
+    code, stdout, _ = run_cli(
+        ["train", *TINY, "--method", "dgl", "--K", "2", "--max-steps", "1", "--out", tmp_path / "r"], capsys
+    )
+    assert code == 0 and json.loads(stdout)["git_commit"] == loaded
