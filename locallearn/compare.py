@@ -235,8 +235,8 @@ def _source_command(directory: Path) -> str | None:
     table_md = directory / "table.md"
     if table_md.is_file():
         for line in table_md.read_text().splitlines():
-            if line.startswith("Command: `"):
-                return line[len("Command: `") : -1]
+            if line.startswith("Command: `"):  # a merged table's line goes on after the closing backtick
+                return line[len("Command: `") :].split("`")[0]
     return None
 
 

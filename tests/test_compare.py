@@ -99,6 +99,9 @@ def test_merge_pools_seeds_run_apart_and_rejects_bad_input(tmp_path, capsys):
     assert "| E2E | 1 | " in table and " ± " in table and f"`{s1}`: `locallearn compare" in table
     assert len(json.loads((tmp_path / "merged" / "results.json").read_text())) == 2
     assert (s0 / "results.json").read_text() == before  # sources are only read
+    assert main(["compare", "--merge", str(tmp_path / "merged"), "--out", str(tmp_path / "again")]) == 0
+    merged_command = f"locallearn compare --merge {s0} {s1} --out {tmp_path / 'merged'}"
+    assert f"- `{tmp_path / 'merged'}`: `{merged_command}`\n" in (tmp_path / "again" / "table.md").read_text()
 
     assert main(["compare", "--merge", str(s0), str(s0), "--out", str(tmp_path / "twice")]) == 2
     assert "same row and seed" in capsys.readouterr().err
