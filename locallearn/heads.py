@@ -6,6 +6,7 @@ Each builder takes the shape of the tensor the head reads and the number of outp
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -178,7 +179,7 @@ class Decoder(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         if self.factored and tuple(h.shape[-2:]) == self.in_hw:
             h = self._factored_conv(h)
-            for module in self.body[1:]:
+            for module in itertools.islice(self.body, 1, None):  # body[1:] would build a Sequential every step
                 h = module(h)
             return h
         if tuple(h.shape[-2:]) != self.size:

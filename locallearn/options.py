@@ -1,8 +1,8 @@
 """Names of choices that both the CLI and the library check, in one torch-free place.
 
 The CLI builds its argument parser before importing torch (``locallearn --help`` stays instant), so these cannot live
-in the torch-importing modules that use them (:mod:`locallearn.learner`, :mod:`locallearn.engine`,
-:mod:`locallearn.bench`).
+in the torch-importing modules that use them (:mod:`locallearn.learner`, :mod:`locallearn.bench`; the step
+orders themselves are described in :mod:`locallearn.engine`).
 """
 
 from __future__ import annotations
