@@ -27,7 +27,7 @@ from locallearn.heads import Shape
 from locallearn.methods import LocalMethod, SetupInfo, create_method
 from locallearn.models import LayeredModel, describe_split, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
-from locallearn.options import CHECKPOINTING, STEP_ORDERS
+from locallearn.options import AMP, CHECKPOINTING, STEP_ORDERS
 
 
 class CheckpointedSequential(nn.Module):
@@ -105,7 +105,7 @@ class LocalLearner:
         steps_per_epoch: optimizer steps per epoch (for warm-up and epoch-unit schedules).
         step_order: "per_block" or "after_all" (see :mod:`locallearn.engine`).
         device: where the model and the method live.
-        amp: None or "bf16".
+        amp: None (or "none") for full precision, "bf16" for bfloat16 autocast.
         checkpointing: what to recompute in the backward pass instead of storing (:mod:`locallearn.recompute`):
             "none"; "stage" (each stage of each block: the memory-saving alternative local learning is measured
             against); "aux" (each segment of each auxiliary net: MAN's copies, heads, decoders); "stage+aux".
@@ -136,6 +136,9 @@ class LocalLearner:
             raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(STEP_ORDERS)}")
         if checkpointing not in CHECKPOINTING:
             raise UserError(f"unknown checkpointing {checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
+        if amp is not None and amp not in AMP:
+            # checked here, not only by the CLI's choices: the autocast helper reads any other value as bf16
+            raise UserError(f"unknown amp {amp!r}: use None or one of {', '.join(AMP)}")
         self.device = torch.device(device)
         self.model = _to_device(model, self.device)
         self.method = create_method(method, method_options) if isinstance(method, str) else method
@@ -168,7 +171,7 @@ class LocalLearner:
         self.optimizers = build_optimizers([self.block_params(k) for k in range(len(self.blocks))], self.optim_cfg)
         self._check_param_ownership()
         self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
-        self.step_order, self.amp = step_order, amp
+        self.step_order, self.amp = step_order, None if amp == "none" else amp
         self.step = 0
 
     # -- construction helpers ------------------------------------------------------------------------------------

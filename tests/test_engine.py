@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from locallearn import LocalLearner, OptimConfig, create_model, lr_at
+from locallearn.errors import UserError
 from locallearn.methods import METHODS
 from tests.conftest import make_batches
 
@@ -208,3 +209,10 @@ def test_channels_last_is_the_same_arithmetic(method):
     assert all(torch.allclose(sa[key], sb[key], atol=1e-4) for key in sa)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.allclose(x.float(), y.float(), atol=1e-3)
+
+
+def test_unknown_amp_is_a_clear_error():
+    """``amp`` is checked by the learner itself, not only by the CLI: any other value used to mean bf16."""
+    with pytest.raises(UserError, match="unknown amp 'fp16'.*bf16"):
+        make_learner(amp="fp16")
+    assert make_learner(amp="none").amp is None
