@@ -10,6 +10,11 @@ Not part of the package and not a test (CI has no copy of the official code). Tw
           batches and reports, after every step, the largest relative difference over every parameter and buffer.
           ``--double`` runs both in float64, where an identical algorithm agrees to ~1e-15 and any real difference
           (an update order, a λ, an EMA timing) shows as ~1e-3 or more within a step or two.
+``speed`` Times one training step of four runs on the same fixed batch, in one process, round-robin so that every run
+          sees the same machine: the official end-to-end and InfoPro+MAN models, and locallearn's ``parity/e2e``
+          and ``parity/infopro_man`` presets (locallearn's defaults: NHWC layout, per-block steps). Prints img/s
+          per run (median over rounds) and each codebase's InfoPro+MAN/E2E throughput ratio, the figure the
+          issue compares (methods.md §9 measured the official one from separate runs, ±20 %).
 ``train`` Trains the official model for the protocol's 234 steps on locallearn's batches (same data order and
           augmentation as ``locallearn compare --suite parity`` for that seed) and prints test accuracy per epoch,
           so the official code's seed-to-seed spread can be measured on identical data. With ``--locallearn`` it
@@ -24,13 +29,16 @@ device moves are made no-ops by patching ``Tensor.cuda``/``Module.cuda`` in this
     python benchmarks/official_parity.py diff --code man --repo /tmp/MAN --steps 20 --double
     python benchmarks/official_parity.py diff --code infopro --repo /tmp/InfoPro-Pytorch --steps 20 --double
     OMP_NUM_THREADS=1 python benchmarks/official_parity.py train --code man --repo /tmp/MAN --seed 1
+    OMP_NUM_THREADS=2 python benchmarks/official_parity.py speed --repo /tmp/MAN --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,11 +71,11 @@ def import_official(repo: Path, code: str):
     return importlib.import_module(f"networks.{module}")
 
 
-def official_model(official, code: str) -> nn.Module:
+def official_model(official, code: str, local_module_num: int = 16) -> nn.Module:
     """ResNet-32 "K=16" as methods.md §9 ran it: MAN's InfoPro+MAN (15 blocks, 2c2f, m = 0.995) or InfoPro (16 blocks,
-    1c2f), cross-entropy auxiliary loss."""
+    1c2f), cross-entropy auxiliary loss; ``local_module_num=1`` is the code's end-to-end run (§9 row a)."""
     options = dict(
-        local_module_num=16, batch_size=128, image_size=32, balanced_memory=False, dataset="cifar10",
+        local_module_num=local_module_num, batch_size=128, image_size=32, balanced_memory=False, dataset="cifar10",
         class_num=10, wide_list=(16, 16, 32, 64), dropout_rate=0, local_loss_mode="cross_entropy",
         aux_net_widen=1, aux_net_feature_dim=128,
     )  # fmt: skip
@@ -104,9 +112,14 @@ def official_accuracy(model, loader) -> float:
 
 
 def parity_config(code: str) -> RunConfig:
-    cfg = RunConfig()
-    load_yaml(cfg, find_config(CODES[code][2]))
+    cfg = preset_config(CODES[code][2])
     cfg.train.channels_last = False  # same kernels as the official model, for the float64 comparison
+    return cfg
+
+
+def preset_config(name: str) -> RunConfig:
+    cfg = RunConfig()
+    load_yaml(cfg, find_config(name))
     return cfg
 
 
@@ -230,19 +243,63 @@ def train(args) -> None:
               f"({seconds:.1f} s train, {t} steps)", flush=True)  # fmt: skip
 
 
+def speed(args) -> None:
+    official = import_official(args.repo, "man")
+    torch.manual_seed(args.seed)
+    cfg = preset_config("parity/e2e")
+    train_loader, _, info = build_data(cfg.data, 128, seed=args.seed, device="cpu")
+    train_loader.set_epoch(0)
+    batch = next(iter(train_loader))
+    steps = {}
+    for method, k in (("E2E", 1), ("InfoPro+MAN", 16)):
+        model = official_model(official, "man", local_module_num=k).train()
+        opt, counter = official_optimizer(model), itertools.count()
+        steps["official", method] = lambda m=model, o=opt, c=counter: official_step(m, o, batch, next(c))
+    for layout, channels_last in (("NHWC", True), ("NCHW", False)):
+        for method, preset in (("E2E", "parity/e2e"), ("InfoPro+MAN", "parity/infopro_man")):
+            cfg = preset_config(preset)
+            cfg.train.step_order = "per_block"  # locallearn's default; the same arithmetic as after_all, less memory
+            cfg.train.channels_last = channels_last
+            learner = build_learner(cfg, info, torch.device("cpu"), STEPS, len(train_loader))
+            steps[f"locallearn {layout}", method] = lambda learner=learner: learner.train_step(batch)
+    for step in steps.values():
+        for _ in range(args.warmup_steps):
+            step()
+    runs = list(steps)
+    rates: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for r in range(args.rounds):
+        for run in runs[r % len(runs) :] + runs[: r % len(runs)]:  # rotate: no run always follows the same one
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[run]()
+            rates[run].append(128 * args.steps / (time.perf_counter() - start))
+        print(f"round {r + 1}: " + ", ".join(f"{' '.join(run)} {rates[run][-1]:.1f}" for run in runs), flush=True)
+    median = {run: statistics.median(v) for run, v in rates.items()}
+    threads = torch.get_num_threads()
+    print(f"\n{threads} thread(s), batch 128, {args.rounds} rounds of {args.steps} steps, median img/s:")
+    print("| code | E2E img/s | InfoPro+MAN img/s | InfoPro+MAN / own E2E | InfoPro+MAN / official's |")
+    print("|---|---|---|---|---|")
+    theirs = median["official", "InfoPro+MAN"]
+    for who in dict.fromkeys(who for who, _ in runs):
+        e2e, man = median[who, "E2E"], median[who, "InfoPro+MAN"]
+        print(f"| {who} | {e2e:.1f} | {man:.1f} | {man / e2e:.3f} | {man / theirs:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("job", choices=["diff", "train"])
+    parser.add_argument("job", choices=["diff", "train", "speed"])
     parser.add_argument("--code", choices=sorted(CODES), default="man", help="which released codebase")
     parser.add_argument("--repo", type=Path, required=True, help="its checkout (JunhaoSu0/MAN or InfoPro-Pytorch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=5, help="diff: steps to compare")
+    parser.add_argument("--steps", type=int, default=5, help="diff: steps to compare; speed: timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="speed: timed rounds of every run")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="speed: untimed steps of every run first")
     parser.add_argument("--double", action="store_true", help="diff: run both in float64")
     parser.add_argument(
         "--locallearn", action="store_true", help="train: run locallearn's preset from the official initial weights"
     )
     args = parser.parse_args()
-    diff(args) if args.job == "diff" else train(args)
+    {"diff": diff, "train": train, "speed": speed}[args.job](args)
 
 
 if __name__ == "__main__":
