@@ -10,11 +10,12 @@ Not part of the package and not a test (CI has no copy of the official code). Tw
           batches and reports, after every step, the largest relative difference over every parameter and buffer.
           ``--double`` runs both in float64, where an identical algorithm agrees to ~1e-15 and any real difference
           (an update order, a λ, an EMA timing) shows as ~1e-3 or more within a step or two.
-``speed`` Times one training step of four runs on the same fixed batch, in one process, round-robin so that every run
-          sees the same machine: the official end-to-end and InfoPro+MAN models, and locallearn's ``parity/e2e``
-          and ``parity/infopro_man`` presets (locallearn's defaults: NHWC layout, per-block steps). Prints img/s
-          per run (median over rounds) and each codebase's InfoPro+MAN/E2E throughput ratio, the figure the
-          issue compares (methods.md §9 measured the official one from separate runs, ±20 %).
+``speed`` (MAN code only; ``--code`` is ignored) Times one training step of six runs on the same fixed batch, in one
+          process, round-robin so that every run sees the same machine: the official end-to-end and InfoPro+MAN
+          models, and locallearn's ``parity/e2e`` and ``parity/infopro_man`` presets in NHWC (locallearn's
+          default) and NCHW (the official code's layout), with per-block steps. Prints img/s per run (median over
+          rounds) and each codebase's InfoPro+MAN/E2E throughput ratio, the figure the issue compares (methods.md §9
+          measured the official one from separate runs, ±20 %).
 ``train`` Trains the official model for the protocol's 234 steps on locallearn's batches (same data order and
           augmentation as ``locallearn compare --suite parity`` for that seed) and prints test accuracy per epoch,
           so the official code's seed-to-seed spread can be measured on identical data. With ``--locallearn`` it
