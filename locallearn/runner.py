@@ -94,7 +94,7 @@ def build_learner(
         steps_per_epoch=steps_per_epoch,
         step_order=cfg.train.step_order,
         device=device,
-        amp=None if cfg.train.amp == "none" else cfg.train.amp,
+        amp=cfg.train.amp,  # "none" or "bf16"; the learner checks and normalises it
         channels_last=cfg.train.channels_last,
         checkpointing=cfg.train.checkpointing,
     )
