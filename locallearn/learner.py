@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from locallearn import engine, recompute
-from locallearn.data import Batch
+from locallearn.data import Batch, as_batch
 from locallearn.errors import UserError
+from locallearn.feature_heads import canonical_shape
 from locallearn.heads import Shape
 from locallearn.methods import LocalMethod, SetupInfo, create_method
-from locallearn.models import LayeredModel, describe_split, resolve_split, split_model
+from locallearn.models import LayeredModel, as_layered, describe_split, layout_of, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
 from locallearn.options import AMP, CHECKPOINTING, STEP_ORDERS
 
@@ -94,17 +95,22 @@ class LocalLearner:
     """Train ``model`` as K gradient-isolated blocks with a local-learning ``method``.
 
     Args:
-        model: a :class:`LayeredModel` (see ``locallearn.create_model``).
+        model: any ``nn.Module`` classifier (a torchvision or timm network, your own), cut by tracing at its valid
+            cut points (:mod:`locallearn.models.traced`), or a :class:`LayeredModel` (``locallearn.create_model``).
+            Your module is trained in place: it holds the trained weights under its own ``state_dict`` keys.
         method: a registered method name ("e2e", "dgl", …) or a ``LocalMethod`` instance.
         K: number of blocks actually trained (``None``: 1 for e2e, else required by the split).
-        split: "even" or a named preset ("infopro", "man", …), or an explicit list of boundaries.
-        input_shape: (C, H, W) of one input, used to probe each block's output shape for the heads.
+        split: "even", "layerwise", "balanced", a named preset ("infopro", "man", …), a list of K−1 boundaries
+            (indices into the model's segments), or module names to cut after (``["layer2", "layer3.1"]``, or one
+            comma-separated string).
+        input_shape: (C, H, W) of one input. Optional: without it the model is cut and the auxiliary nets are built
+            on the first batch ``train_step`` (or ``evaluate``) sees.
         method_options: options of the method's config dataclass.
         optim: optimizer and schedule settings.
         total_steps: length of the run, for the schedule; ``None`` keeps the learning rate at ``optim.lr``.
         steps_per_epoch: optimizer steps per epoch (for warm-up and epoch-unit schedules).
         step_order: "per_block" or "after_all" (see :mod:`locallearn.engine`).
-        device: where the model and the method live.
+        device: where the model and the method live; batches are moved there.
         amp: None (or "none") for full precision, "bf16" for bfloat16 autocast.
         checkpointing: what to recompute in the backward pass instead of storing (:mod:`locallearn.recompute`):
             "none"; "stage" (each stage of each block: the memory-saving alternative local learning is measured
@@ -116,12 +122,12 @@ class LocalLearner:
 
     def __init__(
         self,
-        model: LayeredModel,
+        model: nn.Module,
         method: str | LocalMethod = "dgl",
         K: int | None = None,
-        split: str | list[int] = "even",
+        split: str | list[int] | list[str] = "even",
         *,
-        input_shape: Shape,
+        input_shape: Shape | None = None,
         method_options: dict[str, Any] | None = None,
         optim: OptimConfig | None = None,
         total_steps: int | None = None,
@@ -139,23 +145,65 @@ class LocalLearner:
         if amp is not None and amp not in AMP:
             # checked here, not only by the CLI's choices: the autocast helper reads any other value as bf16
             raise UserError(f"unknown amp {amp!r}: use None or one of {', '.join(AMP)}")
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.device = torch.device(device)
-        self.model = _to_device(model, self.device)
+        self.source_model = _to_device(model, self.device)
         self.method = create_method(method, method_options) if isinstance(method, str) else method
         if K is None and self.method.name == "e2e":
             K = 1
-        if isinstance(split, list):
+        self.K, self.split, self.method_options, self.checkpointing = K, split, method_options, checkpointing
+        self.channels_last = channels_last
+        self.optim_cfg = optim or OptimConfig()
+        self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
+        self.step_order, self.amp = step_order, None if amp == "none" else amp
+        self.step = 0
+        self.input_shape: Shape | None = None
+        if input_shape is not None:
+            self.build(tuple(input_shape))
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes that do not exist yet: the ones build() creates
+        if name in ("model", "blocks", "bounds", "optimizers"):
+            raise AttributeError(
+                f"LocalLearner.{name} does not exist before the model is cut: it is built on the first batch "
+                "(train_step or evaluate), or at once when input_shape=(C, H, W) is given"
+            )
+        raise AttributeError(name)
+
+    @property
+    def built(self) -> bool:
+        return self.input_shape is not None
+
+    def build(self, input_shape: Shape) -> None:
+        """Cut the model into blocks and build the auxiliary nets and optimizers for inputs of ``input_shape``
+        (C, H, W). Called by the constructor when ``input_shape`` is given, else by the first batch."""
+        if self.built:
+            if tuple(input_shape) != self.input_shape:
+                raise UserError(
+                    f"this learner was built for inputs of shape {self.input_shape}, got {tuple(input_shape)}: "
+                    "feed images of one size, or build another learner"
+                )
+            return
+        K, split, checkpointing = self.K, self.split, self.checkpointing
+        self.model = as_layered(self.source_model, tuple(input_shape), whole_ok=K == 1)
+        if isinstance(split, list) and all(isinstance(b, int) for b in split):
             self.bounds = list(split)
         elif split == "balanced":
             self.bounds = balanced_split(
-                model, self.method.name, method_options, tuple(input_shape), K, recompute_aux="aux" in checkpointing
+                self.model,
+                self.method.name,
+                self.method_options,
+                tuple(input_shape),
+                K,
+                recompute_aux="aux" in checkpointing,
             )
         else:
-            self.bounds = resolve_split(model, split, K)
-        self.blocks = split_model(model, self.bounds)
+            self.bounds = resolve_split(self.model, split, K)
+        self.blocks = split_model(self.model, self.bounds)
         if "stage" in checkpointing:
             self.blocks = [
-                checkpoint_by_stage(model, block, start) for block, start in zip(self.blocks, [0, *self.bounds])
+                checkpoint_by_stage(self.model, block, start) for block, start in zip(self.blocks, [0, *self.bounds])
             ]
         self.method.recompute_aux = "aux" in checkpointing
         if K is not None and len(self.blocks) != K:
@@ -163,16 +211,11 @@ class LocalLearner:
         self.input_shape = tuple(input_shape)
         self.method.setup(self._probe())
         _to_device(self.method, self.device)
-        self.channels_last = channels_last
-        if channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.method.to(memory_format=torch.channels_last)
-        self.optim_cfg = optim or OptimConfig()
         self.optimizers = build_optimizers([self.block_params(k) for k in range(len(self.blocks))], self.optim_cfg)
         self._check_param_ownership()
-        self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
-        self.step_order, self.amp = step_order, None if amp == "none" else amp
-        self.step = 0
 
     # -- construction helpers ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -181,10 +224,12 @@ class LocalLearner:
         was_training = self.model.training
         self.model.eval()
         h = torch.zeros(2, *self.input_shape, device=self.device)
-        layer_shapes = []
-        for layer in self.model.layers:
+        layer_shapes, layouts = [], []
+        for i, layer in enumerate(self.model.layers):
             h = layer(h)
-            layer_shapes.append(tuple(h.shape[1:]) if h.dim() == 4 else (h.shape[1], 1, 1))
+            layout = layout_of(self.model, i, h)
+            layouts.append(layout)
+            layer_shapes.append(canonical_shape(tuple(h.shape[1:]), layout))
         self.model.train(was_training)
         ends = [b - 1 for b in self.bounds] + [self.model.num_layers() - 1]
         starts = [0, *self.bounds]
@@ -198,6 +243,8 @@ class LocalLearner:
             model=self.model,
             bounds=list(self.bounds),
             layer_shapes=layer_shapes,
+            layouts=layouts,
+            token_pool=getattr(getattr(self.model, "plan", None), "token_pool", None),
         )
 
     def block_params(self, k: int) -> list[nn.Parameter]:
@@ -229,9 +276,10 @@ class LocalLearner:
         return lr_at(self.step, self.optim_cfg, self.total_steps, self.steps_per_epoch)
 
     def train_step(self, x: Tensor | Any, y: Tensor | None = None) -> dict[str, Tensor]:
-        """One step of every block on a batch: ``x, y`` tensors, or a :class:`Batch` (whose ``raw`` un-normalised
-        images reconstruction losses need; with plain tensors ``raw`` is ``x`` itself)."""
-        batch = Batch(x, y, x) if y is not None else x
+        """One step of every block on a batch: ``x, y`` tensors, an ``(x, y)`` pair, or a :class:`Batch` (whose
+        ``raw`` un-normalised images reconstruction losses need; with plain tensors ``raw`` is ``x`` itself)."""
+        batch = as_batch((x, y) if y is not None else x, self.device)
+        self.build(tuple(batch.x.shape[1:]))
         if self.channels_last and batch.x.dim() == 4:
             batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
         set_lr(self.optimizers, self.current_lr())
@@ -247,30 +295,45 @@ class LocalLearner:
         self.method.after_step(k)
 
     def evaluate(self, batches: Iterable) -> dict:
-        """Test accuracy and per-block auxiliary accuracies over ``batches`` (objects with ``.x`` and ``.y``)."""
-        return engine.evaluate(self, batches)
+        """Test accuracy and per-block auxiliary accuracies over ``batches``: a ``DataLoader`` of ``(x, y)`` pairs,
+        or any iterable of pairs or :class:`Batch` objects."""
+        return engine.evaluate(self, (as_batch(b, self.device) for b in batches))
 
     # -- reporting and state -------------------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:
         """Parameter counts split into the backbone (kept for inference) and the auxiliary nets (dropped)."""
+        self._require_built("num_params")
         return {
             "params_backbone": sum(p.numel() for p in self.model.parameters()),
             "params_aux": sum(p.numel() for p in self.method.parameters()),
         }
 
     def describe(self) -> list[str]:
+        self._require_built("describe")
         return describe_split(self.model, self.bounds)
 
     def state_dict(self) -> dict[str, Any]:
+        self._require_built("state_dict")
         return {
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
             "bounds": list(self.bounds),
+            "input_shape": list(self.input_shape),
         }
 
+    def _require_built(self, what: str) -> None:
+        if not self.built:
+            raise UserError(
+                f"LocalLearner.{what}() needs the model cut into blocks: call train_step first, or build the learner "
+                "with input_shape=(C, H, W)"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.built and state.get("input_shape"):
+            self.build(tuple(state["input_shape"]))
+        self._require_built("load_state_dict")
         if list(state["bounds"]) != self.bounds:
             raise UserError(
                 f"checkpoint was trained with block boundaries {state['bounds']}, this learner has "

@@ -16,8 +16,28 @@ from locallearn.data.info import DatasetInfo
 from locallearn.data.loader import Batch, InMemoryLoader
 
 __all__ = [
-    "DATASETS", "Batch", "DataConfig", "DatasetInfo", "FolderLoader", "InMemoryLoader", "build_data", "load_arrays",
+    "DATASETS", "Batch", "as_batch",
+    "DataConfig", "DatasetInfo", "FolderLoader", "InMemoryLoader", "build_data", "load_arrays",
 ]  # fmt: skip
+
+
+def as_batch(item, device: torch.device | str | None = None) -> Batch:
+    """A :class:`Batch` from what loaders yield: a ``Batch``, or an ``(x, y)`` pair (a ``DataLoader``'s; extra
+    items such as sample indices are ignored). Plain pairs carry no un-normalised images, so ``raw`` is ``x``.
+    Tensors are moved to ``device`` when given."""
+    if isinstance(item, Batch):
+        batch = item
+    elif isinstance(item, (tuple, list)) and len(item) >= 2:
+        batch = Batch(item[0], item[1], item[0])
+    else:
+        raise TypeError(
+            f"a batch must be an (x, y) pair or a locallearn Batch, got {type(item).__name__}: yield (images, labels)"
+        )
+    if device is not None and batch.x.device != torch.device(device):
+        x = batch.x.to(device, non_blocking=True)
+        raw = x if batch.raw is batch.x else batch.raw.to(device, non_blocking=True)
+        batch = Batch(x, batch.y.to(device, non_blocking=True), raw)
+    return batch
 
 
 def build_data(

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from locallearn.errors import UserError
+from locallearn.feature_heads import MAPS, ChannelsFirst, sequence_head
 from locallearn.methods.base import LocalMethod, LocalOutput, MethodConfig, SetupInfo, register_method
 from locallearn.models.resnet_cifar import init_weights
 
@@ -73,14 +74,16 @@ class AugLocal(LocalMethod):
             raise UserError(f"auglocal depth={cfg.depth} must be at least 1 (the paper uses 1, 2, 3 or 5)")
         num_heads = len(info.blocks) - 1
         factory = getattr(info.model, "block_factory", None)
-        if num_heads > 0 and (factory is None or info.layer_shapes is None or info.bounds is None):
+        fresh = getattr(info.model, "fresh_layer", None)
+        if num_heads > 0 and ((factory is None and fresh is None) or info.layer_shapes is None or info.bounds is None):
             arch = getattr(info.model, "arch", type(info.model).__name__)
             raise UserError(
-                f"auglocal needs a model that can build fresh layers (a block_factory), and {arch} has none: "
-                "use a CIFAR ResNet (resnet20/32/56/110) or another method"
+                f"auglocal needs a model that can build fresh layers (a block_factory or a traced model), and {arch} "
+                "has none: use a CIFAR ResNet (resnet20/32/56/110), your own nn.Module, or another method"
             )
         depths = pyramid_depths(len(info.blocks), cfg.depth, cfg.pyramid_coeff, cfg.pyramid)
-        self.heads = nn.ModuleList(self._build_head(k, depths[k], info) for k in range(num_heads))
+        build = self._build_head if factory is not None else self._build_copied_head
+        self.heads = nn.ModuleList(build(k, depths[k], info) for k in range(num_heads))
 
     def _build_head(self, k: int, depth: int, info: SetupInfo) -> nn.Sequential:
         """Fresh copies of the sampled later layers, then GAP, (BN1d if depth <= 1), Linear → classes."""
@@ -101,6 +104,27 @@ class AugLocal(LocalMethod):
         init_weights(head)
         return head
 
+    def _build_copied_head(self, k: int, depth: int, info: SetupInfo) -> nn.Sequential:
+        """For a traced model: fresh, re-initialised copies of the sampled later segments (each layer's own
+        ``reset_parameters``), an adapter wherever the tensor a copy reads differs from what precedes it
+        (:func:`adapter`: a skipped stage), then the classifier for the last copy's output."""
+        shape, layout = self.aux_shape(k, info), self.aux_layout(k, info)
+        layers: list[nn.Module] = []
+        for j in sampled_layers(info.bounds[k] - 1, len(info.layer_shapes) - 1, depth):
+            want, want_layout = info.layer_shapes[j - 1], info.layout(j - 1)
+            if (shape, layout) != (want, want_layout):
+                layers.append(adapter(shape, layout, want, want_layout))
+            layers.append(info.model.fresh_layer(j))
+            shape, layout = info.layer_shapes[j], info.layout(j)
+        if layout in MAPS:
+            layers += [*([ChannelsFirst()] if layout == "nhwc" else []), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            if depth <= 1:
+                layers.append(nn.BatchNorm1d(shape[0]))
+            layers.append(nn.Linear(shape[0], info.num_classes))
+        else:
+            layers.append(sequence_head(shape, layout, info.num_classes, hidden_layers=0, token_pool=info.token_pool))
+        return nn.Sequential(*layers)
+
     def block_params(self, k: int) -> list[nn.Parameter]:
         return list(self.heads[k].parameters()) if k < len(self.heads) else []
 
@@ -111,3 +135,38 @@ class AugLocal(LocalMethod):
     @torch.no_grad()
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:
         return self.heads[k](self.aux_input(k, h)) if k < len(self.heads) else None
+
+
+class _Resize(nn.Module):
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+def adapter(shape: tuple, layout: str, want: tuple, want_layout: str) -> nn.Module:
+    """Map a block's output to the input a later (copied) segment expects: for maps, conv1x1 to its width and a
+    bilinear resize to its resolution (in its layout); for tokens of another width, a Linear."""
+    if layout in MAPS and want_layout in MAPS:
+        layers: list[nn.Module] = [ChannelsFirst()] if layout == "nhwc" else []
+        if shape[0] != want[0]:
+            layers.append(nn.Conv2d(shape[0], want[0], 1, bias=False))
+        layers.append(_Resize(tuple(want[1:])))
+        if want_layout == "nhwc":
+            layers.append(_ChannelsLast())
+        return nn.Sequential(*layers)
+    if layout == want_layout == "tokens" and shape[0] == want[0]:
+        return nn.Linear(shape[1], want[1])
+    raise UserError(
+        f"auglocal cannot feed a {layout} {tuple(shape)} block output to a later segment that reads {want_layout} "
+        f"{tuple(want)}: use --method.depth=1 or another method"
+    )

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from locallearn import recompute
 from locallearn.errors import UserError
+from locallearn.feature_heads import width_of
 from locallearn.heads import Shape
 from locallearn.registry import Registry
 
@@ -48,7 +49,10 @@ class SetupInfo:
         next_layers: for block k < K-1 the first atomic layer of block k+1 (MAN's EMA source), else None.
         model: the whole layered model (AugLocal samples later layers from it).
         bounds: the K-1 block boundaries (block k is ``model.layers[bounds[k-1]:bounds[k]]``).
-        layer_shapes: output shape of every atomic layer; the last is (num_classes, 1, 1).
+        layer_shapes: output shape of every atomic layer, canonical ((C, H, W) maps, (T, D) tokens, (D,)
+            vectors: :mod:`locallearn.feature_heads`); the last is (num_classes,).
+        layouts: layout of every atomic layer's output ("nchw", "nhwc", "tokens", "vector").
+        token_pool: how the model's own head pools tokens, ("token" | "avg", prefix tokens), or None.
     """
 
     blocks: list[nn.Sequential]
@@ -60,11 +64,26 @@ class SetupInfo:
     model: nn.Module | None = None
     bounds: list[int] | None = None
     layer_shapes: list[Shape] | None = None
+    layouts: list[str] | None = None
+    token_pool: tuple[str, int] | None = None
 
     @property
     def feature_width(self) -> int:
-        """Channels of the widest feature map: the classifier's input (64 in a CIFAR ResNet)."""
-        return self.layer_shapes[-2][0] if self.layer_shapes else max(s[0] for s in self.shapes[:-1])
+        """Width of the classifier's input: channels of the last feature map (64 in a CIFAR ResNet), or the
+        model width D of a transformer."""
+        if self.layer_shapes and len(self.layer_shapes) > 1:
+            return width_of(self.layer_shapes[-2], self.layout(len(self.layer_shapes) - 2))
+        return max(s[0] for s in self.shapes[:-1])
+
+    def layout(self, layer: int) -> str:
+        """Layout of atomic layer ``layer``'s output ("nchw" for locallearn's own models)."""
+        return self.layouts[layer] if self.layouts else "nchw"
+
+    def block_layout(self, k: int) -> str:
+        """Layout of block k's output."""
+        if not self.layouts or self.bounds is None:
+            return "nchw"
+        return self.layouts[self.bounds[k] - 1 if k < len(self.bounds) else len(self.layouts) - 1]
 
 
 class LocalOutput(NamedTuple):
@@ -111,6 +130,10 @@ class LocalMethod(nn.Module):
     def aux_shape(self, k: int, info: SetupInfo) -> Shape:
         """Shape of what block k's heads read; MAN changes it (the next layer's output shape)."""
         return info.shapes[k]
+
+    def aux_layout(self, k: int, info: SetupInfo) -> str:
+        """Layout of what block k's heads read (see :mod:`locallearn.feature_heads`)."""
+        return info.block_layout(k)
 
     def aux_input(self, k: int, h: Tensor) -> Tensor:
         """What block k's heads read, given the block's output; MAN adds the EMA and learnable copies here."""

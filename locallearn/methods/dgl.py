@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from locallearn.feature_heads import MAPS, sequence_head, with_layout
 from locallearn.heads import dgl_mlp_sr
 from locallearn.methods.base import LocalMethod, LocalOutput, MethodConfig, SetupInfo, register_method
 
@@ -37,9 +38,17 @@ class DGL(LocalMethod):
     config: DGLConfig
 
     def build_aux(self, info: SetupInfo) -> None:
-        self.heads = nn.ModuleList(
-            dgl_mlp_sr(self.aux_shape(k, info), info.num_classes, self.config.n_conv, self.config.n_mlp)
-            for k in range(len(info.blocks) - 1)
+        self.heads = nn.ModuleList(self._head(k, info) for k in range(len(info.blocks) - 1))
+
+    def _head(self, k: int, info: SetupInfo) -> nn.Module:
+        """MLP-SR on a feature map; on tokens or a vector (a transformer, or a cut after pooling) the same MLP
+        (``n_mlp`` × Linear-BN1d-ReLU at the model width, then Linear) after a LayerNorm and the model's pooling."""
+        shape, layout = self.aux_shape(k, info), self.aux_layout(k, info)
+        cfg = self.config
+        if layout in MAPS:
+            return with_layout(layout, dgl_mlp_sr(shape, info.num_classes, cfg.n_conv, cfg.n_mlp))
+        return sequence_head(
+            shape, layout, info.num_classes, hidden_layers=cfg.n_mlp, token_pool=info.token_pool, batch_norm=True
         )
 
     def block_params(self, k: int) -> list[nn.Parameter]:

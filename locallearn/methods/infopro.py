@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from locallearn.errors import UserError
-from locallearn.heads import infopro_decoder, infopro_head
+from locallearn.feature_heads import MAPS, PatchDecoder, sequence_head, with_layout
+from locallearn.heads import infopro_decoder, infopro_head, parse_head_spec
 from locallearn.losses import at_least_fp32, supcon_loss
 from locallearn.methods.base import LocalMethod, LocalOutput, MethodConfig, SetupInfo, register_method
 from locallearn.models.resnet_cifar import reference_conv_init
@@ -112,13 +113,9 @@ class InfoPro(LocalMethod):
             raise UserError(f"unknown head_init {cfg.head_init!r}: use reference or torch")
         outputs = info.num_classes if cfg.loss_mode == "cross_entropy" else cfg.feature_dim
         local = range(len(info.blocks) - 1)
-        shapes = [self.aux_shape(k, info) for k in local]
-        self.heads = nn.ModuleList(
-            infopro_head(cfg.head, s, outputs, info.feature_width, cfg.feature_dim) for s in shapes
-        )
-        self.decoders = nn.ModuleList(
-            infopro_decoder(cfg.decoder, s, info.image_shape, cfg.decoder_width, cfg.decoder_form) for s in shapes
-        )
+        features = [(self.aux_shape(k, info), self.aux_layout(k, info)) for k in local]
+        self.heads = nn.ModuleList(self._head(s, layout, outputs, info) for s, layout in features)
+        self.decoders = nn.ModuleList(self._decoder(s, layout, info) for s, layout in features)
         if cfg.head_init == "reference":
             for module in (*self.heads, *self.decoders):
                 reference_conv_init(module)
@@ -133,6 +130,28 @@ class InfoPro(LocalMethod):
         for k, (l1, l2) in enumerate(self.lambdas):
             if l1 == 0 and l2 == 0:
                 log.warning("infopro: block %d has λ1 = λ2 = 0, so only weight decay moves it", k)
+
+    def _head(self, shape: tuple, layout: str, outputs: int, info: SetupInfo) -> nn.Module:
+        """The configured head on a feature map; on tokens or a vector its fully connected part only (``<n>c<m>f``
+        reads as m linear layers; convolutions do not apply to tokens), after a LayerNorm and the model's pooling."""
+        cfg = self.config
+        if layout in MAPS:
+            return with_layout(layout, infopro_head(cfg.head, shape, outputs, info.feature_width, cfg.feature_dim))
+        n_fc = parse_head_spec(cfg.head)[1] if cfg.head != "bottleneck" else 2
+        return sequence_head(
+            shape, layout, outputs, hidden_layers=n_fc - 1, hidden=cfg.feature_dim, token_pool=info.token_pool
+        )
+
+    def _decoder(self, shape: tuple, layout: str, info: SetupInfo) -> nn.Module:
+        """The configured decoder on a feature map; a per-patch linear reconstruction from tokens."""
+        cfg = self.config
+        if layout in MAPS:
+            return with_layout(
+                layout, infopro_decoder(cfg.decoder, shape, info.image_shape, cfg.decoder_width, cfg.decoder_form)
+            )
+        if layout == "tokens":
+            return PatchDecoder(shape, info.image_shape)
+        raise UserError(f"infopro cannot reconstruct the image from a {layout} cut: cut before global pooling")
 
     def block_params(self, k: int) -> list[nn.Parameter]:
         if k >= len(self.heads):

@@ -93,6 +93,9 @@ class MomentumAuxiliary:
     def aux_shape(self, k: int, info: SetupInfo) -> Shape:
         return info.layer_shapes[info.bounds[k]]  # the output of block k+1's first layer
 
+    def aux_layout(self, k: int, info: SetupInfo) -> str:
+        return info.layout(info.bounds[k])
+
     def aux_input(self, k: int, h: Tensor) -> Tensor:
         return self.aux_segment((self.learnable[k], self.ema[k]), self._copies, k, h)
 

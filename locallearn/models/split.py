@@ -125,14 +125,20 @@ def _cut_to_boundary(model: LayeredModel, cut: Cut) -> int:
     return indices[block] + 1
 
 
-def resolve_split(model: LayeredModel, split: str, k: int | None) -> list[int]:
-    """Return the boundaries for ``split`` (a splitter or a named preset) with ``k`` blocks.
+def resolve_split(model: LayeredModel, split: str | list[str], k: int | None) -> list[int]:
+    """Return the boundaries for ``split`` (a splitter, a named preset, or module names to cut after) with ``k``
+    blocks.
 
     Raises:
         UserError: unknown split name, a preset without this arch or K, or K outside 1..(number of feature layers).
     """
     num_features = model.num_layers() - 1
-    if split in PRESETS:
+    names = _module_names(model, split)
+    if names is not None:
+        bounds = boundaries_after_modules(model, names)
+        if k is not None and len(bounds) + 1 != k:
+            raise UserError(f"cuts after {', '.join(names)} give {len(bounds) + 1} blocks, not K={k}: drop --K")
+    elif split in PRESETS:
         table = PRESETS[split].get(model.arch)
         if table is None:
             archs = ", ".join(PRESETS[split])
@@ -150,16 +156,61 @@ def resolve_split(model: LayeredModel, split: str, k: int | None) -> list[int]:
         bounds = [_cut_to_boundary(model, c) for c in table[k]]
     elif split in SPLITTERS:
         k = 1 if k is None else k
-        if not 1 <= k <= num_features:
-            raise UserError(
-                f"K={k} does not fit {model.arch}: it has {num_features} layers to split "
-                f"(stem, residual blocks), so choose 1 <= K <= {num_features}"
-            )
+        if not 1 <= k <= max(1, num_features):
+            raise UserError(_too_many_blocks(model, k))
         bounds = even_boundaries(num_features, k) if split == "even" else list(range(1, k))
     else:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(split_names())}")
     check_boundaries(model, bounds)
     return bounds
+
+
+def _too_many_blocks(model: LayeredModel, k: int) -> str:
+    num_features = model.num_layers() - 1
+    plan = getattr(model, "plan", None)
+    if plan is None:
+        return (
+            f"K={k} does not fit {model.arch}: it has {num_features} layers to split "
+            f"(stem, residual blocks), so choose 1 <= K <= {num_features}"
+        )
+    if plan.max_blocks == 1:
+        reason = (
+            f"no single tensor carries its whole computation at any point ({len(plan.cuts)} valid cut(s), none "
+            "before the classifier: a skip or dense connection spans the network)"
+        )
+    else:
+        reason = f"it has {len(plan.names)} segments that can be cut apart ({', '.join(plan.names)})"
+    return f"K={k} does not fit {model.arch}: {reason}; the largest K that works is {plan.max_blocks}"
+
+
+def _module_names(model: LayeredModel, split: str | list[str]) -> list[str] | None:
+    """Module names to cut after, when ``split`` is a list of names or a comma-separated string of them (a traced
+    model's module names, such as ``layer2,layer3.1``); None for a splitter or preset name."""
+    if isinstance(split, list):
+        return [str(s) for s in split]
+    if split in PRESETS or split in SPLITTERS or split == "balanced" or getattr(model, "plan", None) is None:
+        return None
+    return [s.strip() for s in split.split(",") if s.strip()]
+
+
+def boundaries_after_modules(model: LayeredModel, names: list[str]) -> list[int]:
+    """Boundaries that cut a traced model after each named module: after the segment that runs the module's last
+    operation (a module that ends inside a segment is cut after that whole segment)."""
+    plan = getattr(model, "plan", None)
+    if plan is None:
+        raise UserError(f"cuts by module name need a traced model; {model.arch} takes --split even, layerwise, …")
+    bounds = set()
+    for name in names:
+        hits = [i for i, mods in enumerate(plan.modules) if any(m == name or m.startswith(name + ".") for m in mods)]
+        if not hits:
+            raise UserError(
+                f"{model.arch} runs no module named {name!r}: cut after one of its segments ({', '.join(plan.names)}) "
+                "or see `locallearn list --cuts`"
+            )
+        if hits[-1] >= model.num_layers() - 1:
+            raise UserError(f"module {name!r} ends in the classifier's segment of {model.arch}: nothing follows it")
+        bounds.add(hits[-1] + 1)
+    return sorted(bounds)
 
 
 def check_boundaries(model: LayeredModel, bounds: list[int]) -> None:
