@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from locallearn.data import Batch
 from locallearn.errors import UserError
 from locallearn.learner import LocalLearner
-from locallearn.memory import balanced_boundaries, estimate_peak, split_cost, split_costs
+from locallearn.memory import active_fake_mode, balanced_boundaries, estimate_peak, fake_copy, split_cost, split_costs
 from locallearn.metrics import peak_memory, reset_peak_memory
-from locallearn.models import create_model, resolve_split
+from locallearn.models import MODELS, LayeredModel, as_layered, create_model, resolve_split
 from locallearn.options import CHECKPOINTING
 
 MiB = 2**20
@@ -33,6 +34,7 @@ MiB = 2**20
 @dataclass
 class BenchConfig:
     arch: str = "resnet110"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision:/timm: constructor options
     image_size: int = 32
     in_channels: int = 3
     num_classes: int = 10
@@ -72,18 +74,33 @@ def _rows(cfg: BenchConfig) -> list[tuple[str, str, int, str, str]]:
     return rows
 
 
+def _model(cfg: BenchConfig) -> LayeredModel:
+    """The benchmarked network as atomic layers (a torchvision/timm model is traced, which also caches its cut plan
+    for the builds under fake tensors)."""
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    return as_layered(_create(cfg), shape)
+
+
+def _create(cfg: BenchConfig) -> nn.Module:
+    return create_model(
+        cfg.arch,
+        num_classes=cfg.num_classes,
+        in_channels=cfg.in_channels,
+        image_size=cfg.image_size,
+        **cfg.model_kwargs,
+    )
+
+
 def _costs(cfg: BenchConfig, recompute_aux: bool = False) -> tuple[list[int], list[int]]:
     """Per-layer and per-cut activation bytes of the benchmarked method, measured at batch 2."""
-    model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return split_costs(model, cfg.method, cfg.method_options, shape, recompute_aux)
+    return split_costs(_model(cfg), cfg.method, cfg.method_options, shape, recompute_aux)
 
 
 def _bounds(cfg: BenchConfig, k: int, split: str, costs: tuple[list[int], list[int]] | None) -> list[int]:
     if split == "balanced":
         return balanced_boundaries(*costs, k)
-    model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
-    return resolve_split(model, split, k)
+    return resolve_split(_model(cfg), split, k)
 
 
 def lower_bound(cfg: BenchConfig, e2e: Row, costs: tuple[list[int], list[int]]) -> dict[str, int]:
@@ -106,9 +123,16 @@ def _builder(
 ):
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     options = cfg.method_options if method == cfg.method else None
+    # A torchvision/timm constructor may read tensor values (timm's drop-path rates call .item()), which fake tensors
+    # cannot give: build it once for real here and hand out fake copies of it (:func:`fake_copy`).
+    template = None if cfg.arch in MODELS else _model(cfg).source
 
     def build() -> LocalLearner:
-        model = create_model(cfg.arch, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
+        mode = active_fake_mode()
+        if template is not None and mode is not None:
+            model = fake_copy(template, mode)
+        else:
+            model = _create(cfg)
         return LocalLearner(
             model,
             method,

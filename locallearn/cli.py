@@ -74,7 +74,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, help="synthetic: classes")
     p.add_argument("--workers", type=int, help="data loader workers (file-backed datasets)")
     p.add_argument(
-        "--arch", help="resnet32 (default), resnet20/56/110, resnet18/34/50/101/152, resnext101_32x8d, vgg13"
+        "--arch",
+        help="resnet32 (default), resnet20/56/110, resnet18/34/50/101/152, resnext101_32x8d, vgg13, or any "
+        "torchvision:NAME / timm:NAME (e.g. torchvision:resnet18, timm:vit_tiny_patch16_224); constructor options "
+        "as --model.kwargs=\"{'patch_size': 4}\"",
     )
     p.add_argument("--method", help="e2e, dgl (default), …: see `locallearn list`")
     p.add_argument("--K", type=int, help="number of gradient-isolated blocks (default: 1 for e2e, else 4)")
@@ -151,14 +154,21 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
     from locallearn.config import parse_value
     from locallearn.metrics import resolve_device
 
-    options = {}
+    options, model_kwargs = {}, {}
     for item in rest:
         key, sep, value = item.partition("=")
-        if not (key.startswith("--method.") and sep):
-            raise UserError(f"unrecognised argument {item!r}: bench takes --method.<option>=<value> overrides")
-        options[key[len("--method.") :]] = parse_value(value)
+        if key == "--model.kwargs" and sep and isinstance(parse_value(value), dict):
+            model_kwargs = parse_value(value)
+        elif key.startswith("--method.") and sep:
+            options[key[len("--method.") :]] = parse_value(value)
+        else:
+            raise UserError(
+                f"unrecognised argument {item!r}: bench takes --method.<option>=<value> overrides and "
+                '--model.kwargs="{...}"'
+            )
     cfg = BenchConfig(
         arch=args.arch,
+        model_kwargs=model_kwargs,
         image_size=args.image_size,
         in_channels=args.in_channels,
         num_classes=args.num_classes,
@@ -189,13 +199,18 @@ def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> None:
     print(compare(args.suite, args.seeds, args.K, args.set, Path(args.out), command, args.rows, args.protocol))
 
 
-def cmd_list(_: argparse.Namespace) -> None:
+def cmd_list(args: argparse.Namespace) -> None:
+    if args.cuts:
+        from locallearn.cuts_report import describe_cuts
+
+        print(describe_cuts(args.cuts, args.image_size, args.in_channels, args.num_classes))
+        return
     from locallearn.config import preset_names
     from locallearn.data import DATASETS
     from locallearn.methods import METHODS
     from locallearn.models import MODELS, split_names
 
-    print("archs:    ", ", ".join(MODELS.names()))
+    print("archs:    ", ", ".join(MODELS.names()), "(and torchvision:NAME, timm:NAME)")
     print("methods:  ", ", ".join(METHODS.names()))
     print("datasets: ", ", ".join(DATASETS.names()))
     print("splits:   ", ", ".join(split_names()))
@@ -210,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
     p_eval.add_argument("--data-dir", help="dataset root, if it moved since training")
     p_eval.add_argument("--device", default="auto")
-    sub.add_parser("list", help="list architectures, methods, datasets, splits and presets")
+    p_list = sub.add_parser("list", help="list architectures, methods, datasets, splits and presets")
+    p_list.add_argument("--cuts", metavar="ARCH", help="show ARCH's valid cut points and segments, with their shapes")
+    p_list.add_argument("--image-size", type=int, default=32, help="--cuts: input side")
+    p_list.add_argument("--in-channels", type=int, default=3, help="--cuts: input channels")
+    p_list.add_argument("--num-classes", type=int, default=10, help="--cuts: classes")
     p_bench = sub.add_parser("bench", help="benchmark peak memory and speed: E2E, checkpointing, local at several K")
     p_bench.add_argument("--arch", default="resnet110")
     p_bench.add_argument("--image-size", type=int, default=32)

@@ -26,10 +26,13 @@ from locallearn.optim import OptimConfig
 @dataclass
 class ModelConfig:
     """Attributes:
-    arch: registered architecture (resnet20/32/56/110, …).
+    arch: a built-in architecture (resnet20/32/56/110, …), or ``torchvision:NAME`` / ``timm:NAME`` (cut into
+        blocks by tracing; see locallearn.models.traced).
+    kwargs: constructor options for a torchvision/timm arch, e.g. ``{"patch_size": 4}`` for a timm ViT on 28×28.
     """
 
     arch: str = "resnet32"
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -210,6 +210,27 @@ def _frozen_safe_tracker_class():
     return FrozenSafeTracker
 
 
+def active_fake_mode():
+    """The ``FakeTensorMode`` in force, or None."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)), None)
+
+
+def fake_copy(module: nn.Module, mode) -> nn.Module:
+    """A copy of a real ``module`` whose parameters and buffers are fake tensors of ``mode`` (same shapes, no
+    storage): for models whose constructor cannot run under fake tensors."""
+    import copy
+
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = mode.from_tensor(b)
+    return copy.deepcopy(module, memo)
+
+
 @dataclass
 class MemoryEstimate:
     """Peak training memory in bytes and its parts at that moment (MemTracker's categories)."""

@@ -69,7 +69,8 @@ def git_commit() -> str | None:
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
     k = cfg.resolved_k()
-    out = Path(cfg.train.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.train.method}-{cfg.model.arch}-K{k}")
+    arch = cfg.model.arch.replace(":", "-")  # torchvision:resnet18 → torchvision-resnet18 (no ':' in paths)
+    out = Path(cfg.train.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.train.method}-{arch}-K{k}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory path")
     if out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite:
@@ -81,7 +82,13 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 def build_learner(
     cfg: RunConfig, info, device: torch.device, total_steps: int | None, steps_per_epoch: int
 ) -> LocalLearner:
-    model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=info.in_channels)
+    model = create_model(
+        cfg.model.arch,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size[0] if info.image_size[0] == info.image_size[1] else tuple(info.image_size),
+        **cfg.model.kwargs,
+    )
     return LocalLearner(
         model,
         cfg.train.method,
