@@ -362,3 +362,15 @@ def test_bench_estimates_a_timm_model_on_fake_copies():
     rows = run_bench(cfg, log=lambda line: None)
     assert [r.label for r in rows][2:] == ["dgl+man K=2 even", "dgl+man K=2 balanced"]
     assert all(r.estimated_peak_bytes > 0 and r.flops_per_image > 0 for r in rows)
+
+
+def test_infopro_trains_on_normalised_plain_pairs():
+    from locallearn.data import unit_range
+
+    x = (_x() - 0.5) / 0.25  # a normalised batch: values outside [0, 1]
+    target = unit_range(x)
+    assert target.min() == 0 and target.max() == 1
+    assert torch.equal(unit_range(_x()), _x())  # images already in [0, 1] are their own target
+    learner = LocalLearner(FAMILIES["tv-resnet"](), "infopro", K=3)
+    stats = learner.train_step(x, torch.tensor([0, 1, 2, 3]))
+    assert all(torch.isfinite(v) for v in stats.values())

@@ -16,28 +16,40 @@ from locallearn.data.info import DatasetInfo
 from locallearn.data.loader import Batch, InMemoryLoader
 
 __all__ = [
-    "DATASETS", "Batch", "as_batch",
+    "DATASETS", "Batch", "as_batch", "unit_range",
     "DataConfig", "DatasetInfo", "FolderLoader", "InMemoryLoader", "build_data", "load_arrays",
 ]  # fmt: skip
 
 
 def as_batch(item, device: torch.device | str | None = None) -> Batch:
     """A :class:`Batch` from what loaders yield: a ``Batch``, or an ``(x, y)`` pair (a ``DataLoader``'s; extra
-    items such as sample indices are ignored). Plain pairs carry no un-normalised images, so ``raw`` is ``x``.
-    Tensors are moved to ``device`` when given."""
+    items such as sample indices are ignored). Tensors are moved to ``device`` when given.
+
+    Plain pairs carry no un-normalised images, which InfoPro's reconstruction targets must be (values in [0, 1]).
+    Their ``raw`` is ``x`` mapped affinely onto [0, 1] over the batch (:func:`unit_range`): the same image up to one
+    scale and shift, so nothing about the input is lost, and a normalised ``x`` no longer makes the BCE fail."""
     if isinstance(item, Batch):
         batch = item
     elif isinstance(item, (tuple, list)) and len(item) >= 2:
-        batch = Batch(item[0], item[1], item[0])
+        batch = Batch(item[0], item[1], None)
     else:
         raise TypeError(
             f"a batch must be an (x, y) pair or a locallearn Batch, got {type(item).__name__}: yield (images, labels)"
         )
     if device is not None and batch.x.device != torch.device(device):
-        x = batch.x.to(device, non_blocking=True)
-        raw = x if batch.raw is batch.x else batch.raw.to(device, non_blocking=True)
-        batch = Batch(x, batch.y.to(device, non_blocking=True), raw)
+        raw = None if batch.raw is None else batch.raw.to(device, non_blocking=True)
+        batch = Batch(batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True), raw)
+    if batch.raw is None:
+        batch = Batch(batch.x, batch.y, unit_range(batch.x))
     return batch
+
+
+def unit_range(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled and shifted onto [0, 1] by the batch's min and max (no host sync: tensor ops only). An ``x``
+    already in [0, 1] with both ends present is returned as it is (up to rounding)."""
+    lo, hi = x.amin(), x.amax()
+    inside = (lo >= 0) & (hi <= 1)
+    return torch.where(inside, x, (x - lo) / (hi - lo).clamp_min(1e-12))
 
 
 def build_data(

@@ -355,7 +355,14 @@ def plan_cuts(model: nn.Module, input_shape: tuple[int, ...], arch: str | None =
     with torch.random.fork_rng(devices=[]):
         for mode, graph in graphs.items():
             probe.train(mode == "train")
-            tracing.propagate_shapes(graph, probe, x)
+            try:
+                tracing.propagate_shapes(graph, probe, x)
+            except Exception as err:  # the model's own error on this input size (a fixed attention-bias grid, …)
+                cause = err.__cause__ or err
+                raise UserError(
+                    f"{arch} does not run on inputs of shape {tuple(input_shape)} ({type(cause).__name__}: "
+                    f"{str(cause).strip().splitlines()[0][:200]}): give it the image size it was built for"
+                ) from None
             final = tracing.output_value(graph)
             if final is None or not tracing.is_single_tensor(final) or tracing.tensor_rank(final) != 2:
                 raise TraceRefused(

@@ -212,14 +212,18 @@ def _is_glue(module: nn.Module) -> bool:
     return not has_params or isinstance(module, NORMS) or named_norm
 
 
-def _repeated_children(module: nn.Module) -> bool:
-    """A module whose own blocks are a list of one repeated class (timm's ``stages.N.blocks``)."""
-    for child in module.children():
-        if type(child) in (nn.Sequential, nn.ModuleList):
-            kinds = {type(m) for m in child.children()}
-            if len(kinds) == 1 and not issubclass(next(iter(kinds)), CONTAINERS) and len(child) > 0:
-                return True
-    return False
+def block_list(module: nn.Module) -> nn.Module | None:
+    """Where a stage keeps its repeated blocks: the module itself when its children (two or more) are all one
+    class (torchvision's RegNet ``AnyStage``, timm's ``RegStage``), or a list child of one repeated class (timm's
+    ``stages.N.blocks``); None otherwise. Lists of containers (a ``Conv2dNormActivation`` is a ``Sequential``)
+    are layers, not blocks."""
+    lists = [c for c in module.children() if type(c) in (nn.Sequential, nn.ModuleList)]
+    for holder, least in ((module, 2), *((c, 1) for c in lists)):
+        kids = list(holder.children())
+        kinds = {type(m) for m in kids}
+        if len(kids) >= least and len(kinds) == 1 and not issubclass(kinds.pop(), CONTAINERS):
+            return holder
+    return None
 
 
 def unit_of(node: fx.Node, model: nn.Module) -> str | None:
@@ -250,12 +254,10 @@ def unit_of(node: fx.Node, model: nn.Module) -> str | None:
             break
     if chosen is None:
         chosen = names[0]
-    module = model.get_submodule(chosen)
-    if _repeated_children(module):
-        deeper = [n for n in names if n.startswith(chosen + ".")]
-        for name in deeper:
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            if type(parent) in (nn.Sequential, nn.ModuleList) and type(model.get_submodule(name)) not in CONTAINERS:
+    holder = block_list(model.get_submodule(chosen))
+    if holder is not None:
+        for name in (n for n in names if n.startswith(chosen + ".")):
+            if model.get_submodule(name.rsplit(".", 1)[0]) is holder:
                 return name
     return chosen
 
