@@ -194,8 +194,10 @@ _PLANS: dict[tuple, CutPlan] = {}
 
 
 def _plan_key(model: nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    """Same class, same parameter shapes and the same module tree as printed (which shows options such as a
+    drop-path rate that change the graph without changing any parameter) share one plan."""
     params = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
-    return type(model).__module__, type(model).__qualname__, params, tuple(input_shape)
+    return type(model).__module__, type(model).__qualname__, params, repr(model), tuple(input_shape)
 
 
 def _is_fake(model: nn.Module) -> bool:
@@ -349,7 +351,7 @@ def plan_cuts(model: nn.Module, input_shape: tuple[int, ...], arch: str | None =
             f"{arch} cannot be cut into blocks: torch.fx could not trace it ({type(err).__name__}: {first[:200]}); "
             "the largest K that works is 1 (train it end to end), or remove the data-dependent Python from forward"
         ) from None
-    x = _probe_input(input_shape)
+    x = _probe_input(input_shape, next((p.device for p in model.parameters()), torch.device("cpu")))
     ends: dict[str, list[str]] = {}
     labels: dict[str, list[str]] = {}
     with torch.random.fork_rng(devices=[]):
@@ -416,8 +418,8 @@ def _cut_info(node: fx.Node) -> CutInfo:
     )
 
 
-def _probe_input(input_shape: tuple[int, ...]) -> Tensor:
-    return torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+def _probe_input(input_shape: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def build(model: nn.Module, plan: CutPlan) -> TracedModel:
@@ -468,7 +470,13 @@ def _validate(probe: nn.Module, plan: CutPlan, x: Tensor) -> set[str]:
 
 def trace_model(model: nn.Module, input_shape: tuple[int, ...], arch: str | None = None) -> TracedModel:
     """``model`` (any classifier taking one image batch) as a :class:`TracedModel` for inputs of ``input_shape``."""
-    return build(model, plan_cuts(model, tuple(input_shape), arch))
+    plan = plan_cuts(model, tuple(input_shape), arch)
+    try:
+        return build(model, plan)
+    except KeyError:  # a cached plan whose nodes this model's graph lacks (state the cache key cannot see): replan
+        _drop_constants(model)
+        _PLANS.pop(_plan_key(model, tuple(input_shape)), None)
+        return build(model, plan_cuts(model, tuple(input_shape), arch))
 
 
 def whole_model(model: nn.Module, arch: str | None = None) -> LayeredModel:
