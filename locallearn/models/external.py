@@ -13,6 +13,7 @@ Classes and input channels are adapted the way each library does it, *before* th
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor, nn
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from locallearn.errors import UserError
 from locallearn.feature_heads import layout_of_rank
 from locallearn.models.layered import LayeredModel
+
+log = logging.getLogger("locallearn")
 
 
 def _first_rgb_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
@@ -118,11 +121,19 @@ def as_layered(model: nn.Module, input_shape: tuple[int, ...], *, whole_ok: bool
     if isinstance(model, LayeredModel):
         return model
     try:
-        return trace_model(model, input_shape, model_name(model))
+        traced = trace_model(model, input_shape, model_name(model))
     except TraceRefused:
         if whole_ok:
             return whole_model(model, model_name(model))
         raise
+    if traced.plan.unused:
+        log.warning(
+            "%s: %d parameter tensors are never read by forward and no block trains them (%s)",
+            traced.arch,
+            len(traced.plan.unused),
+            ", ".join(traced.plan.unused[:5]) + (", …" if len(traced.plan.unused) > 5 else ""),
+        )
+    return traced
 
 
 def layout_of(model: nn.Module, index: int, output: Tensor) -> str:

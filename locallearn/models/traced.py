@@ -286,7 +286,23 @@ def _resolution(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...] | Non
     return None
 
 
+ISOTROPIC_STAGES = 4
+
+
 def _stages(shapes: list[tuple[int, ...]], layouts: list[Layout]) -> list[int]:
+    """Stage of each segment: 0 for the first (the stem or patch embedding), then a new stage at each change of
+    resolution (map size or token count). An isotropic model (a ViT, whose resolution never changes) has no stages
+    of its own: its blocks are dealt into 4 equal groups, as MAN++ groups a ViT's depth, so that MAN's λ ramp by
+    stage and activation checkpointing per stage mean what they mean for a CNN."""
+    stages = _resolution_stages(shapes, layouts)
+    features = len(shapes) - 2  # segments between the first one and the classifier's
+    if max(stages) <= 1 and features >= ISOTROPIC_STAGES:
+        stages = [0] + [1 + ISOTROPIC_STAGES * i // features for i in range(features)]
+        stages.append(stages[-1])
+    return stages
+
+
+def _resolution_stages(shapes: list[tuple[int, ...]], layouts: list[Layout]) -> list[int]:
     stages, last = [], None
     for i, (shape, layout) in enumerate(zip(shapes, layouts)):
         res = _resolution(shape, layout)
