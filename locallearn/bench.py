@@ -23,9 +23,10 @@ from torch import nn
 from locallearn.data import Batch
 from locallearn.errors import UserError
 from locallearn.learner import LocalLearner
-from locallearn.memory import active_fake_mode, balanced_boundaries, estimate_peak, fake_copy, split_cost, split_costs
+from locallearn.memory import active_fake_mode, balanced_boundaries, estimate_peak, split_cost, split_costs
 from locallearn.metrics import peak_memory, reset_peak_memory
 from locallearn.models import MODELS, LayeredModel, as_layered, create_model, resolve_split
+from locallearn.module_copy import fake_copy
 from locallearn.options import CHECKPOINTING
 
 MiB = 2**20

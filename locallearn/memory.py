@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from locallearn.errors import UserError
+from locallearn.module_copy import clone_module, fake_copy
 
 
 def saved_bytes(fn, *args, exclude: nn.Module | None = None) -> tuple[Any, int]:
@@ -30,18 +32,23 @@ def saved_bytes(fn, *args, exclude: nn.Module | None = None) -> tuple[Any, int]:
     The saved tensors are what a block keeps alive between its forward and its backward: its activation memory.
     Tensors of ``exclude`` (the parameters, which autograd saves too but which exist anyway) are not counted.
     """
-    skip = {t.untyped_storage().data_ptr() for t in [*exclude.parameters(), *exclude.buffers()]} if exclude else set()
-    seen: dict[int, int] = {}
+    skip = {storage_key(t) for t in [*exclude.parameters(), *exclude.buffers()]} if exclude else set()
+    seen: dict[StorageWeakRef, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
+        key = storage_key(t)
+        if key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
     return out, sum(seen.values())
+
+
+def storage_key(t: Tensor) -> StorageWeakRef:
+    """Identity of a tensor's storage that works for fake tensors too (a data pointer does not)."""
+    return StorageWeakRef(t.untyped_storage())
 
 
 def _output_bytes(h: Tensor) -> int:
@@ -82,29 +89,27 @@ def head_costs(
     ``recompute_aux`` (``checkpointing="aux"``) only the inputs of the segments stay and one segment at a time is
     rebuilt in backward, so the cost is the inputs plus the largest segment.
     """
-    import copy
-
     from locallearn.data import Batch
     from locallearn.learner import LocalLearner
 
-    probe_model = copy.deepcopy(model)
+    probe_model = clone_module(model)
     n = probe_model.num_layers() - 1  # feature layers
     learner = LocalLearner(probe_model, method, n, "layerwise", input_shape=input_shape, method_options=options)
     method_module = learner.method
     segments: list[int] = []
-    inputs: dict[int, int] = {}
+    inputs: dict[StorageWeakRef, int] = {}
     if recompute_aux:
-        skip = {t.untyped_storage().data_ptr() for t in [*method_module.parameters(), *method_module.buffers()]}
+        skip = {storage_key(t) for t in [*method_module.parameters(), *method_module.buffers()]}
 
         def probing_segment(modules, fn, *args):
-            own = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in args if isinstance(a, Tensor)}
+            own = {storage_key(a): a.untyped_storage().nbytes() for a in args if isinstance(a, Tensor)}
             inputs.update(own)  # a recomputed segment keeps only its inputs between forward and backward
-            seen: dict[int, int] = {}
+            seen: dict[StorageWeakRef, int] = {}
 
             def pack(t: Tensor) -> Tensor:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in skip and ptr not in own:
-                    seen[ptr] = t.untyped_storage().nbytes()
+                key = storage_key(t)
+                if key not in skip and key not in own:
+                    seen[key] = t.untyped_storage().nbytes()
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # innermost: the outer count skips it
@@ -127,8 +132,8 @@ def head_costs(
         segments.clear()
         inputs.clear()
         _, rest = saved_bytes(lambda o, k=k: method_module.local_loss(k, o, batch_obj).loss, out, exclude=method_module)
-        inputs.pop(out.untyped_storage().data_ptr(), None)  # counted below as the block output
-        inputs.pop(raw.untyped_storage().data_ptr(), None)  # the batch exists anyway
+        inputs.pop(storage_key(out), None)  # counted below as the block output
+        inputs.pop(storage_key(raw), None)  # the batch exists anyway
         aux = sum(inputs.values()) + max(segments, default=0)  # both 0 unless recompute_aux
         costs[k + 1] = rest + aux + _output_bytes(out)
     return costs
@@ -141,9 +146,35 @@ def split_costs(
     input_shape: tuple[int, ...],
     recompute_aux: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """(per-layer, per-cut) saved bytes at batch 2: the two inputs of :func:`balanced_boundaries`."""
-    cuts = head_costs(model, method, options, input_shape, recompute_aux=recompute_aux)
-    return layer_costs(model, input_shape), cuts
+    """(per-layer, per-cut) saved bytes at batch 2: the two inputs of :func:`balanced_boundaries`.
+
+    Computed on fake tensors (shapes and dtypes, no storage, whatever device ``model`` is on): planning allocates
+    neither the activations nor the throw-away auxiliary nets at every possible cut, which for DGL's heads on a
+    ResNet-101 at 224×224 were several GiB. Byte counts are those of real tensors (tested). Cached per model
+    structure, method, options, input shape and recomputation, so ``bench`` and the learner plan once.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = (
+        type(model).__qualname__,
+        tuple((name, tuple(p.shape)) for name, p in model.named_parameters()),
+        repr(model),
+        method,
+        repr(sorted((options or {}).items())),
+        tuple(input_shape),
+        recompute_aux,
+    )
+    if key not in _COSTS:
+        with FakeTensorMode() as mode:
+            fake = fake_copy(model, mode)
+            cuts = head_costs(fake, method, options, input_shape, recompute_aux=recompute_aux)
+            layers = layer_costs(fake, input_shape)
+        _COSTS[key] = (layers, cuts)
+    layers, cuts = _COSTS[key]
+    return list(layers), list(cuts)
+
+
+_COSTS: dict[tuple, tuple[list[int], list[int]]] = {}
 
 
 def balanced_boundaries(layer_cost: list[int], cut_cost: list[int], k: int) -> list[int]:
@@ -216,19 +247,6 @@ def active_fake_mode():
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)), None)
-
-
-def fake_copy(module: nn.Module, mode) -> nn.Module:
-    """A copy of a real ``module`` whose parameters and buffers are fake tensors of ``mode`` (same shapes, no
-    storage): for models whose constructor cannot run under fake tensors."""
-    import copy
-
-    memo: dict[int, object] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        memo[id(b)] = mode.from_tensor(b)
-    return copy.deepcopy(module, memo)
 
 
 @dataclass

@@ -114,3 +114,29 @@ def test_train_flops_count_the_backward_and_see_the_decoder_form():
     direct = train_flops_per_image(build("infopro", 4, {"decoder_form": "direct"}), shape, 10)
     factored = train_flops_per_image(build("infopro", 4), shape, 10)  # "auto": the 8×8 decoders are factored
     assert e2e < factored < 0.95 * direct
+
+
+@pytest.mark.parametrize("method", ["dgl", "infopro+man", "auglocal"])
+def test_split_costs_on_fake_tensors_equal_the_real_byte_counts(method):
+    """Planning runs on fake tensors (nothing allocated); its byte counts must be the real ones."""
+    from locallearn.memory import split_costs
+
+    model = create_model("resnet20")
+    shape = (3, 16, 16)
+    real = layer_costs(model, shape), head_costs(model, method, None, shape)
+    assert split_costs(model, method, None, shape) == real
+
+
+def test_planning_a_wide_dgl_split_allocates_no_auxiliary_nets():
+    """DGL's MLP-SR heads at every possible cut of a 2048-channel network hold hundreds of MiB of weights; planned on
+    fake tensors they cost nothing, so the process's peak does not move."""
+    import resource
+
+    from locallearn.memory import split_costs
+
+    model = create_model("resnet50", num_classes=10)  # torchvision's Bottleneck ResNet-50: cuts up to 2048 channels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layers, cuts = split_costs(model, "dgl", None, (3, 64, 64))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(cuts) == len(layers) and max(cuts) > 0
+    assert grown_mib < 200, grown_mib  # real heads at all 16 cuts: > 1 GiB of parameters alone

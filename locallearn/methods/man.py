@@ -29,7 +29,6 @@ K=16).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,7 @@ from locallearn.methods.base import MethodConfig, SetupInfo, register_method
 from locallearn.methods.dgl import DGL, DGLConfig
 from locallearn.methods.infopro import InfoPro, InfoProConfig
 from locallearn.models.resnet_cifar import init_weights
+from locallearn.module_copy import clone_module
 
 
 @dataclass
@@ -54,17 +54,6 @@ class MANOptions(MethodConfig):
     ema_momentum: float = 0.995
     copy_init: str = "live"
     ema_timing: str = "after_next_step"
-
-
-def clone_module(module: nn.Module) -> nn.Module:
-    """A deep copy whose tensors are cloned with ``Tensor.clone`` (``copy.deepcopy`` of a module cannot copy the fake
-    tensors that memory estimation uses; cloning works for real and fake tensors alike)."""
-    memo: dict[int, object] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        memo[id(b)] = b.detach().clone()
-    return copy.deepcopy(module, memo)
 
 
 class MomentumAuxiliary:

@@ -127,7 +127,7 @@ class TracedModel(LayeredModel):
 
     def fresh_layer(self, j: int) -> nn.Module:
         """A new, re-initialised copy of segment ``j`` (AugLocal's auxiliary layers): no tensor is shared."""
-        from locallearn.methods.man import clone_module
+        from locallearn.module_copy import clone_module
 
         layer = clone_module(self.layers[j])
         for module in layer.modules():
