@@ -58,20 +58,19 @@ def try_model(make, side: int) -> str:
         learner.train_step(x, y)
         report = learner.evaluate([(x, y)])
     except Exception as err:  # a refusal is a result here
-        return f"refused: {type(err).__name__}: {err} |"
+        return f"refused: {type(err).__name__}: {err} | – | – | – |"
     starts = ", ".join(learner.model.names[b] for b in learner.bounds)
     seconds = time.perf_counter() - start
     return (
-        f"{len(learner.model.names)} segments | blocks start after the stem at {starts} | "
-        f"{len(report['block_accuracies'])} block accuracies | {seconds:.1f} s |"
+        f"{len(learner.model.names)} | {starts} | {len(report['block_accuracies'])} | {seconds:.1f} |"
     )
 
 
 def main(patterns: list[str]) -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")
-    print("| model | image | result |")
-    print("|---|---|---|")
+    print("| model | image | segments | blocks 2–4 start at | block accuracies | seconds |")
+    print("|---|---|---|---|---|---|")
     for name, (make, side) in ZOO.items():
         if patterns and not any(p in name for p in patterns):
             continue

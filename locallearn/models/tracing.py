@@ -21,7 +21,9 @@ auto-wrapped, ``param_shapes_constant=True``, and every ``forward`` argument aft
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import math
 from collections.abc import Iterable
 
@@ -321,5 +323,6 @@ def propagate_shapes(graph: fx.Graph, model: nn.Module, x: torch.Tensor) -> None
     """Record ``tensor_meta`` on every node by running the graph once on ``x`` (no gradients)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with torch.no_grad():
+    # ShapeProp prints a traceback before it re-raises; the caller turns the error into one line
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         ShapeProp(fx.GraphModule(model, graph)).propagate(x)
