@@ -61,9 +61,7 @@ def try_model(make, side: int) -> str:
         return f"refused: {type(err).__name__}: {err} | – | – | – |"
     starts = ", ".join(learner.model.names[b] for b in learner.bounds)
     seconds = time.perf_counter() - start
-    return (
-        f"{len(learner.model.names)} | {starts} | {len(report['block_accuracies'])} | {seconds:.1f} |"
-    )
+    return f"{len(learner.model.names)} | {starts} | {len(report['block_accuracies'])} | {seconds:.1f} |"
 
 
 def main(patterns: list[str]) -> None:
