@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import resource
 from pathlib import Path
@@ -30,16 +31,61 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator counter, or on CPU the kernel's peak-RSS mark (VmHWM, Linux)."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's allocator counter, or on CPU the kernel's peak-RSS mark (VmHWM, Linux). Returns
+    False where the CPU mark cannot be reset (no writable ``/proc/self/clear_refs``): the peak is then lifelong."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    elif _CLEAR_REFS.exists():
-        try:
-            _CLEAR_REFS.write_text("5")  # "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs)
-        except OSError:
-            pass
+        return True
+    try:
+        _CLEAR_REFS.write_text("5")  # "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs)
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field: str) -> int | None:
+    if _STATUS.exists():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: CUDA's allocated tensors, or the process's resident set on CPU (VmRSS)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS") or 0
+
+
+def process_peak_memory(device: torch.device) -> int:
+    """The whole process's peak since the last reset: on CPU its maximum resident set (the interpreter, libraries,
+    data and evaluation included), on CUDA what the caching allocator reserved at most."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    # after a reset of VmHWM getrusage's ru_maxrss no longer holds the lifetime peak, so read the mark itself
+    return _status_bytes("VmHWM") or int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class MemoryWindow:
+    """The peak over a stretch of work and its growth over what was in use when the stretch began.
+
+    ``growth`` is what the work itself needed (on CPU: peak RSS minus RSS at the start, so the model, data and
+    libraries already resident are not counted); None where the CPU peak cannot be reset.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.exact = reset_peak_memory(device)
+        self.start = memory_in_use(device)
+
+    def close(self) -> tuple[int, int | None]:
+        """(peak bytes since the window opened, growth over the start or None)."""
+        peak, _ = peak_memory(self.device)
+        return peak, (max(0, peak - self.start) if self.exact else None)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -52,11 +98,56 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    if _STATUS.exists():
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "cpu_peak_rss"
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "cpu_peak_rss"
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss_lifetime"
+
+
+class MemoryReport:
+    """Where a run's memory goes: the training steps alone, evaluation alone, and the whole process.
+
+    ``peak`` is the highest peak of any window (training or evaluation) since training began — the summary's
+    ``peak_memory_bytes`` as before; ``train``/``eval`` growth is the most any window of that kind added on top of what
+    was in use when it opened (on CPU, RSS: the model, data and libraries already resident are not counted).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.before_training = memory_in_use(device)
+        self.peak = 0
+        self.growth: dict[str, int | None] = {"train": 0, "eval": 0}
+        self.process_peak = process_peak_memory(device)  # what building the model, data and learner took
+
+    @contextlib.contextmanager
+    def window(self, kind: str):
+        window = MemoryWindow(self.device)
+        yield
+        peak, growth = window.close()
+        self.peak = max(self.peak, peak)
+        self.process_peak = max(self.process_peak, process_peak_memory(self.device))
+        old = self.growth[kind]
+        self.growth[kind] = None if growth is None or old is None else max(old, growth)
+
+    def summary(self) -> dict[str, int | None]:
+        return {
+            "process_peak_memory_bytes": self.process_peak,
+            "memory_in_use_before_training_bytes": self.before_training,
+            "train_steps_memory_growth_bytes": self.growth["train"],
+            "eval_memory_growth_bytes": self.growth["eval"],
+        }
+
+    def describe(self) -> str:
+        def mib(v: int | None) -> str:
+            return "unmeasured" if v is None else f"{v / 2**20:.0f} MiB"
+
+        s = self.summary()
+        whole = "CUDA reserved" if self.device.type == "cuda" else "process peak RSS"
+        train, evaluation = s["train_steps_memory_growth_bytes"], s["eval_memory_growth_bytes"]
+        return (
+            f"training steps +{mib(train)} over {mib(self.before_training)} in use before them; "
+            f"evaluation +{mib(evaluation)}; {whole} {mib(s['process_peak_memory_bytes'])}"
+        )
 
 
 def fingerprint(module: nn.Module) -> str:

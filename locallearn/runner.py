@@ -23,7 +23,7 @@ from locallearn.config import RunConfig, dump_yaml
 from locallearn.data import build_data
 from locallearn.errors import UserError
 from locallearn.learner import LocalLearner
-from locallearn.metrics import RunningMeans, fingerprint, peak_memory, reset_peak_memory, resolve_device
+from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
 from locallearn.models import create_model
 
 log = logging.getLogger("locallearn")
@@ -172,13 +172,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     history: list[dict[str, Any]] = []
     train_images, train_seconds, wall_start = 0, 0.0, time.perf_counter()
-    reset_peak_memory(device)
+    memory = MemoryReport(device)
     for epoch in range(cfg.train.epochs):
         if learner.step >= total_steps:
             break
-        train_stats, seen, seconds = _epoch(learner, train_loader, epoch, total_steps - learner.step, cfg)
+        with memory.window("train"):
+            train_stats, seen, seconds = _epoch(learner, train_loader, epoch, total_steps - learner.step, cfg)
         train_images, train_seconds = train_images + seen, train_seconds + seconds
-        report = learner.evaluate(test_loader)
+        with memory.window("eval"):
+            report = learner.evaluate(test_loader)
         row = {
             "epoch": epoch + 1,
             "step": learner.step,
@@ -201,7 +203,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             blocks,
             row["images_per_second"],
         )
-    peak, peak_kind = peak_memory(device)
+    _, peak_kind = peak_memory(device)
+    log.info("memory: %s", memory.describe())
 
     summary = {
         "method": cfg.train.method,
@@ -215,8 +218,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
         "best_test_accuracy": max((r["test_accuracy"] for r in history), default=None),
         "block_accuracies": history[-1]["block_accuracies"] if history else [],
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": memory.peak,
         "peak_memory_kind": peak_kind,
+        **memory.summary(),
         "images_per_second": train_images / max(train_seconds, 1e-9),
         **learner.num_params(),
         "wall_seconds": time.perf_counter() - wall_start,

@@ -61,6 +61,11 @@ def test_train_writes_a_run_and_eval_reproduces_it(tmp_path, capsys):
     assert json.loads(stdout) == summary
     assert summary["K"] == 3 and summary["steps"] == 8 and len(summary["block_accuracies"]) == 3
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["peak_memory_bytes"] > 0
+    # the memory report: the process's peak, clearly named, and what the training steps themselves added
+    assert summary["process_peak_memory_bytes"] >= summary["peak_memory_bytes"]
+    growth = summary["train_steps_memory_growth_bytes"]
+    assert growth is None or 0 <= growth < summary["peak_memory_bytes"]
+    assert summary["memory_in_use_before_training_bytes"] > 0
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert "method: dgl" in (out / "config.yaml").read_text()
     code, stdout, _ = run_cli(["eval", "--checkpoint", out / "checkpoint.pt"], capsys)
