@@ -246,43 +246,16 @@ def plan_cuts(model: nn.Module, input_shape: tuple[int, ...], arch: str | None =
     if _is_fake(model):
         raise TraceRefused(f"{arch} must be planned on real tensors before it is built under fake tensors")
     probe = copy.deepcopy(model)
-    graphs: dict[str, fx.Graph] = {}
-    try:
-        for mode in ("train", "eval"):
-            graphs[mode] = tracing.trace(probe, mode == "train")
-    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, … on untraceable Python
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TraceRefused(
-            f"{arch} cannot be cut into blocks: torch.fx could not trace it ({type(err).__name__}: {first[:200]}); "
-            "the largest K that works is 1 (train it end to end), or remove the data-dependent Python from forward"
-        ) from None
+    graphs = _trace_both(probe, arch)
     x = _probe_input(input_shape, next((p.device for p in model.parameters()), torch.device("cpu")))
-    ends: dict[str, list[str]] = {}
-    labels: dict[str, list[str]] = {}
+    cuts, bounds = {}, {}
     with torch.random.fork_rng(devices=[]):
         for mode, graph in graphs.items():
-            probe.train(mode == "train")
-            try:
-                tracing.propagate_shapes(graph, probe, x)
-            except Exception as err:  # the model's own error on this input size (a fixed attention-bias grid, …)
-                cause = err.__cause__ or err
-                raise UserError(
-                    f"{arch} does not run on inputs of shape {tuple(input_shape)} ({type(cause).__name__}: "
-                    f"{str(cause).strip().splitlines()[0][:200]}): give it the image size it was built for"
-                ) from None
-            final = tracing.output_value(graph)
-            if final is None or not tracing.is_single_tensor(final) or tracing.tensor_rank(final) != 2:
-                raise TraceRefused(
-                    f"{arch} cannot be cut into blocks: in {mode} mode its output is not one (N, classes) tensor of "
-                    "logits (e.g. torchvision's Inception/GoogLeNet return auxiliary logits in train mode: build "
-                    "them with aux_logits=False)"
-                )
-            bounds = tracing.segment_boundaries(graph, probe, tracing.valid_cuts(graph, probe))
-            labels[mode] = [label for label, _ in bounds]
-            ends[mode] = [node.name for _, node in bounds]
-    common = [label for label in labels["train"] if label in labels["eval"]]
-    for mode in ends:  # boundaries are matched across the two graphs by the unit they start, not by node name
-        ends[mode] = [name for label, name in zip(labels[mode], ends[mode]) if label in common]
+            cuts[mode] = _valid_cuts_on(graph, probe, x, mode, arch, input_shape)
+            bounds[mode] = tracing.segment_boundaries(graph, probe, cuts[mode])
+    # boundaries are matched across the two graphs by the unit they start, not by node name
+    common = [label for label, _ in bounds["train"] if label in {label for label, _ in bounds["eval"]}]
+    ends = {mode: [node.name for label, node in b if label in common] for mode, b in bounds.items()}
     train_graph = graphs["train"]
     by_name = {n.name: n for n in train_graph.nodes}
     end_nodes = [by_name[name] for name in ends["train"]] + [tracing.output_value(train_graph)]
@@ -299,7 +272,7 @@ def plan_cuts(model: nn.Module, input_shape: tuple[int, ...], arch: str | None =
         layouts=layouts,
         stage_of=stages_from_shapes(shapes, layouts),
         modules=_segment_modules(train_graph, ends["train"]),
-        cuts=[_cut_info(n) for n in tracing.valid_cuts(train_graph, probe)],
+        cuts=[_cut_info(n) for n in cuts["train"]],
         token_pool=token_pool(probe),
     )
     _drop_constants(probe)
@@ -307,6 +280,41 @@ def plan_cuts(model: nn.Module, input_shape: tuple[int, ...], arch: str | None =
     plan.unused = [name for name, p in model.named_parameters() if name not in used]
     _PLANS[key] = plan
     return plan
+
+
+def _trace_both(probe: nn.Module, arch: str) -> dict[str, fx.Graph]:
+    """The train-mode and eval-mode graphs, or a refusal naming what fx could not trace."""
+    try:
+        return {mode: tracing.trace(probe, mode == "train") for mode in ("train", "eval")}
+    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, … on untraceable Python
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TraceRefused(
+            f"{arch} cannot be cut into blocks: torch.fx could not trace it ({type(err).__name__}: {first[:200]}); "
+            "the largest K that works is 1 (train it end to end), or remove the data-dependent Python from forward"
+        ) from None
+
+
+def _valid_cuts_on(
+    graph: fx.Graph, probe: nn.Module, x: Tensor, mode: str, arch: str, input_shape: tuple[int, ...]
+) -> list[fx.Node]:
+    """Shapes recorded by one probe batch in ``mode``, the output checked to be logits, then the valid cuts."""
+    probe.train(mode == "train")
+    try:
+        tracing.propagate_shapes(graph, probe, x)
+    except Exception as err:  # the model's own error on this input size (a fixed attention-bias grid, …)
+        cause = err.__cause__ or err
+        raise UserError(
+            f"{arch} does not run on inputs of shape {tuple(input_shape)} ({type(cause).__name__}: "
+            f"{str(cause).strip().splitlines()[0][:200]}): give it the image size it was built for"
+        ) from None
+    final = tracing.output_value(graph)
+    if final is None or not tracing.is_single_tensor(final) or tracing.tensor_rank(final) != 2:
+        raise TraceRefused(
+            f"{arch} cannot be cut into blocks: in {mode} mode its output is not one (N, classes) tensor of "
+            "logits (e.g. torchvision's Inception/GoogLeNet return auxiliary logits in train mode: build "
+            "them with aux_logits=False)"
+        )
+    return tracing.valid_cuts(graph, probe)
 
 
 def _cut_info(node: fx.Node) -> CutInfo:
