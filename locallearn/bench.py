@@ -2,17 +2,19 @@
 checkpointing, and local learning at several K and split strategies, on synthetic data, in one run.
 
 Memory: on every device an estimate from fake tensors (:func:`locallearn.memory.estimate_peak`: real training
-steps, no storage), split into parameters, gradients, optimizer state, activations and temporaries; on a GPU also the
-measured ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Throughput: warm-up steps, then timed
-steps on the chosen device (skipped with ``--time-steps 0``). Arithmetic: the floating-point operations of one
-training step per image (``torch.utils.flop_counter``, on fake tensors), whose ratio to end-to-end's is the
-throughput ratio a compute-bound device would give.
+steps, no storage), split into parameters, gradients, optimizer state, activations and temporaries; and, beside it,
+a measurement of the same configuration for real in a fresh process (:mod:`locallearn.measure`; ``--no-measure``
+skips it): on CPU the growth of peak RSS over the measured steps, on a GPU ``max_memory_allocated`` and
+``max_memory_reserved`` after ``reset_peak_memory_stats``. The estimate comparable to the CPU growth is the estimated
+peak less the parameters, buffers and optimizer state, which exist before the steps ("est. step"). Throughput:
+warm-up steps, then timed steps, in the same fresh process (``--time-steps 0``: one untimed measured step).
+Arithmetic: the floating-point operations of one training step per image (``torch.utils.flop_counter``, on fake
+tensors), whose ratio to end-to-end's is the throughput ratio a compute-bound device would give.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from torch import nn
 from locallearn.data import Batch
 from locallearn.errors import UserError
 from locallearn.learner import LocalLearner
+from locallearn.measure import estimated_step_bytes
 from locallearn.memory import active_fake_mode, balanced_boundaries, estimate_peak, split_cost, split_costs
-from locallearn.metrics import peak_memory, reset_peak_memory
 from locallearn.models import MODELS, LayeredModel, as_layered, create_model, resolve_split
 from locallearn.module_copy import fake_copy
 from locallearn.options import CHECKPOINTING
@@ -49,6 +51,7 @@ class BenchConfig:
     warmup_steps: int = 1
     device: str = "cpu"
     channels_last: bool = True
+    measure: bool = True  # measure every row for real in a fresh process (locallearn.measure)
 
 
 @dataclass
@@ -61,7 +64,10 @@ class Row:
     bounds: list[int]
     estimated_peak_bytes: int
     parts: dict[str, int]
-    measured_peak_bytes: int | None = None
+    estimated_step_bytes: int = 0  # the estimated peak less parameters, buffers and optimizer state
+    measured_growth_bytes: int | None = None  # CPU: peak RSS growth over the measured steps; CUDA: allocated growth
+    measured_peak_bytes: int | None = None  # CUDA: max_memory_allocated (CPU: the process's peak RSS)
+    measured_reserved_bytes: int | None = None  # CUDA: max_memory_reserved
     images_per_second: float | None = None
     flops_per_image: float | None = None
 
@@ -149,21 +155,17 @@ def _builder(
     return build
 
 
-def _time(cfg: BenchConfig, build, device: torch.device) -> tuple[float, int | None]:
-    learner = build()
-    x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    batch = Batch(x, torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device), x)
-    for _ in range(cfg.warmup_steps):
-        learner.train_step(batch)
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    for _ in range(cfg.time_steps):
-        learner.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak, kind = peak_memory(device)
-    return cfg.batch_size * cfg.time_steps / seconds, peak if kind == "cuda_max_allocated" else None
+def _measure(cfg: BenchConfig, row: Row, log) -> None:
+    """Measure ``row`` for real in a fresh process and fill in its measured and timed fields."""
+    from locallearn.measure import measure_in_subprocess
+
+    try:
+        m = measure_in_subprocess(asdict(cfg), row.method, row.bounds, row.checkpointing)
+    except RuntimeError as err:  # an out-of-memory kill of one row must not lose the others
+        log(f"{row.label:<40} not measured: {err}")
+        return
+    row.measured_growth_bytes, row.measured_peak_bytes = m.growth_bytes, m.peak_bytes
+    row.measured_reserved_bytes, row.images_per_second = m.reserved_bytes, m.images_per_second
 
 
 def train_flops_per_image(build, input_shape: tuple[int, ...], num_classes: int, batch_size: int = 2) -> float:
@@ -183,7 +185,6 @@ def train_flops_per_image(build, input_shape: tuple[int, ...], num_classes: int,
 
 
 def run_bench(cfg: BenchConfig, log=print) -> list[Row]:
-    device = torch.device(cfg.device)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     results = []
     # cut costs differ when the auxiliary nets are recomputed (only their largest segment counts)
@@ -195,14 +196,14 @@ def run_bench(cfg: BenchConfig, log=print) -> list[Row]:
         except UserError as err:  # a published preset without this K: skip the row, keep the rest of the run
             log(f"{label:<40} skipped: {err}")
             continue
-        build = _builder(cfg, method, bounds, ckpt, device)
         # the memory format changes kernels, not tensor sizes; fake tensors cannot be re-laid out, so estimate NCHW
         estimate_build = _builder(cfg, method, bounds, ckpt, torch.device("cpu"), channels_last=False)
         est = estimate_peak(estimate_build, shape, cfg.batch_size, cfg.num_classes)
         row = Row(label, method, k, split, ckpt, bounds, est.peak, est.parts)
+        row.estimated_step_bytes = estimated_step_bytes(est.peak, est.parts)
         row.flops_per_image = train_flops_per_image(estimate_build, shape, cfg.num_classes)
-        if cfg.time_steps > 0:
-            row.images_per_second, row.measured_peak_bytes = _time(cfg, build, device)
+        if cfg.measure or cfg.time_steps > 0:
+            _measure(cfg, row, log)
         results.append(row)
         log(format_row(row, results[0]))
     for aux, cost in costs.items():
@@ -222,14 +223,33 @@ def format_row(row: Row, e2e: Row) -> str:
         speed += f" ({row.images_per_second / e2e.images_per_second:.2f}×)"
     if row.flops_per_image and e2e.flops_per_image:
         speed += f"  {row.flops_per_image / 1e9:.3g} GFLOP/img (bound {e2e.flops_per_image / row.flops_per_image:.2f}×)"
-    return f"{row.label:<40} {row.estimated_peak_bytes / MiB:10.0f} MiB ({ratio:.2f}× E2E){speed}"
+    measured = ""
+    if row.measured_growth_bytes is not None:
+        measured = (
+            f"  step: est. {row.estimated_step_bytes / MiB:.0f} MiB, measured {row.measured_growth_bytes / MiB:.0f} MiB"
+        )
+        if e2e.measured_growth_bytes:
+            measured += f" ({row.measured_growth_bytes / e2e.measured_growth_bytes:.2f}× E2E)"
+    return f"{row.label:<40} {row.estimated_peak_bytes / MiB:10.0f} MiB ({ratio:.2f}× E2E){measured}{speed}"
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / MiB:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if not (a and b) else f"{a / b:.2f}"
 
 
 def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> str:
     e2e = rows[0]
+    cuda = any(r.measured_reserved_bytes is not None for r in rows)
+    gpu_head = " measured max allocated MiB | measured max reserved MiB |" if cuda else ""
     head = (
         "| configuration | blocks | boundaries | est. peak MiB | × E2E | params | grads | optimizer | activations "
-        "| temp | measured peak MiB | img/s | × E2E | GFLOP/img | compute bound × E2E |"
+        "| temp | est. step MiB | measured step MiB | measured / est. | measured step × E2E |"
+        + gpu_head
+        + " img/s | × E2E | GFLOP/img | compute bound × E2E |"
     )
     lines = [
         f"Command: `{command}`",
@@ -238,35 +258,38 @@ def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> s
         f"{cfg.image_size}, batch {cfg.batch_size}, {cfg.num_classes} classes.",
         "",
         head,
-        "|" + "---|" * 15,
+        "|" + "---|" * (head.count("|") - 1),
     ]
-    bound = e2e.parts.get("lower_bound")
     for r in rows:
         p = r.parts
-        measured = "–" if r.measured_peak_bytes is None else f"{r.measured_peak_bytes / MiB:.0f}"
+        gpu = f" {_mib(r.measured_peak_bytes)} | {_mib(r.measured_reserved_bytes)} |" if cuda else ""
         speed = "–" if r.images_per_second is None else f"{r.images_per_second:.1f}"
-        ratio = (
-            "–"
-            if not (r.images_per_second and e2e.images_per_second)
-            else f"{r.images_per_second / e2e.images_per_second:.2f}"
-        )
         flops = "–" if not r.flops_per_image else f"{r.flops_per_image / 1e9:.3g}"
-        bound_ratio = (
-            "–" if not (r.flops_per_image and e2e.flops_per_image) else f"{e2e.flops_per_image / r.flops_per_image:.2f}"
-        )
         lines.append(
             f"| {r.label} | {r.K} | {r.bounds} | {r.estimated_peak_bytes / MiB:.0f} | "
             f"{r.estimated_peak_bytes / e2e.estimated_peak_bytes:.2f} | {p.get('Parameter', 0) / MiB:.0f} | "
             f"{p.get('Gradient', 0) / MiB:.0f} | {p.get('Optstate', 0) / MiB:.0f} | "
-            f"{p.get('Activation', 0) / MiB:.0f} | "
-            f"{p.get('Temp', 0) / MiB:.0f} | {measured} | {speed} | {ratio} | {flops} | {bound_ratio} |"
+            f"{p.get('Activation', 0) / MiB:.0f} | {p.get('Temp', 0) / MiB:.0f} | {_mib(r.estimated_step_bytes)} | "
+            f"{_mib(r.measured_growth_bytes)} | {_ratio(r.measured_growth_bytes, r.estimated_step_bytes)} | "
+            f"{_ratio(r.measured_growth_bytes, e2e.measured_growth_bytes)} |{gpu} {speed} | "
+            f"{_ratio(r.images_per_second, e2e.images_per_second)} | {flops} | "
+            f"{_ratio(e2e.flops_per_image, r.flops_per_image)} |"
         )
+    measured_what = (
+        "growth of `max_memory_allocated` over the bytes allocated before the measured steps"
+        if cuda
+        else "growth of the process's peak resident set (VmHWM) over its resident set just before the measured steps"
+    )
     lines += [
         "",
+        "est. step: the fake-tensor estimated peak less parameters, buffers and optimizer state (which exist before a "
+        f"step); measured step: {measured_what}, in a fresh process per row after the warm-up steps "
+        "(`locallearn/measure.py`). "
         "GFLOP/img: one training step's floating-point operations per image (convolutions and matrix products, "
         "counted by `torch.utils.flop_counter`); compute bound: E2E's count over the row's, the throughput ratio a "
         "device bound by arithmetic alone would give.",
     ]
+    bound = e2e.parts.get("lower_bound")
     if bound:
         lines += [
             "",
@@ -285,28 +308,45 @@ def markdown(cfg: BenchConfig, rows: list[Row], machine: str, command: str) -> s
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Estimated peak; measured beside estimated step memory (when measured); throughput (when timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     e2e, ckpt = rows[0], rows[1]
-    timed = all(r.images_per_second for r in rows)
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
-    panels = [("estimated peak memory (GiB)", lambda r: r.estimated_peak_bytes / 2**30)]
-    if timed:
-        panels.append(("training throughput (img/s)", lambda r: r.images_per_second))
-    for ax, (ylabel, value) in zip(axes[0], panels):
+    gib = 2**30
+    panels = [("estimated peak memory (GiB)", lambda r: r.estimated_peak_bytes / gib, None)]
+    if all(r.measured_growth_bytes is not None for r in rows):
+        panels.append(
+            (
+                "training-step memory (GiB): measured (solid), estimated (dotted)",
+                lambda r: r.measured_growth_bytes / gib,
+                lambda r: r.estimated_step_bytes / gib,
+            )
+        )
+    if all(r.images_per_second for r in rows):
+        panels.append(("training throughput (img/s)", lambda r: r.images_per_second, None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, value, estimate) in zip(axes[0], panels):
         for split, recomputed in dict.fromkeys((r.split, r.checkpointing) for r in rows[2:]):
-            pts = [(r.K, value(r)) for r in rows[2:] if (r.split, r.checkpointing) == (split, recomputed)]
+            series = [r for r in rows[2:] if (r.split, r.checkpointing) == (split, recomputed)]
             plain = recomputed == "none"
             label = f"local, {split} split" + ("" if plain else f", {recomputed} recomputed")
-            ax.plot(*zip(*pts), marker="o", linestyle="-" if plain else "--", label=label)
+            (line,) = ax.plot(
+                [r.K for r in series], [value(r) for r in series], marker="o", linestyle="-" if plain else "--",
+                label=label,
+            )  # fmt: skip
+            if estimate is not None:
+                ax.plot([r.K for r in series], [estimate(r) for r in series], marker="x", linestyle=":",
+                        color=line.get_color())  # fmt: skip
         ax.axhline(value(e2e), color="k", linestyle="--", label="E2E")
-        ax.axhline(value(ckpt), color="gray", linestyle=":", label="E2E + checkpointing")
+        ax.axhline(value(ckpt), color="gray", linestyle="-.", label="E2E + checkpointing")
+        if estimate is not None:
+            ax.axhline(estimate(e2e), color="k", linestyle=":", linewidth=0.8)
         ax.set_xlabel("K (blocks)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -181,6 +181,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
         time_steps=args.time_steps,
         warmup_steps=args.warmup_steps,
         device=str(resolve_device(args.device)),
+        measure=args.measure,
     )
     rows = run_bench(cfg, log=lambda line: print(line, file=sys.stderr))
     command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -248,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_bench.add_argument("--time-steps", type=int, default=3, help="timed training steps per row (0: memory only)")
     p_bench.add_argument("--warmup-steps", type=int, default=1)
+    p_bench.add_argument(
+        "--measure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure every row for real in a fresh process, beside the estimate (--no-measure: estimates only)",
+    )
     p_bench.add_argument("--device", default="auto")
     p_bench.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
     p_cmp = sub.add_parser("compare", help="benchmark: several methods × seeds → a markdown table")

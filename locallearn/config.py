@@ -44,7 +44,9 @@ class TrainConfig:
     epochs: passes over the training set.
     max_steps: stop after this many optimizer steps (None: run all epochs).
     batch_size: training batch size.
-    eval_batch_size: test batch size.
+    eval_batch_size: test batch size; None (default) picks one by image size
+        (``locallearn.data.default_eval_batch_size``: up to 1000 CIFAR-sized images, the training batch at ImageNet
+        sizes), so evaluation never needs more memory than training.
     seed: seeds weights, data order and augmentation.
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ….
     amp: "none" or "bf16" autocast.
@@ -65,7 +67,7 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 128
-    eval_batch_size: int = 1000
+    eval_batch_size: int | None = None
     seed: int = 0
     device: str = "auto"
     amp: str = "none"

@@ -275,10 +275,17 @@ class LocalLearner:
             return self.optim_cfg.lr
         return lr_at(self.step, self.optim_cfg, self.total_steps, self.steps_per_epoch)
 
-    def train_step(self, x: Tensor | Any, y: Tensor | None = None) -> dict[str, Tensor]:
-        """One step of every block on a batch: ``x, y`` tensors, an ``(x, y)`` pair, or a :class:`Batch` (whose
-        ``raw`` un-normalised images reconstruction losses need; with plain tensors ``raw`` is ``x`` itself)."""
+    def train_step(
+        self, x: Tensor | Any, y: Tensor | None = None, *, target: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """One step of every block on a batch: ``x, y`` tensors, an ``(x, y)`` pair, or a :class:`Batch`.
+
+        ``target`` is what reconstruction losses (InfoPro and its MAN variants) rebuild: the images un-normalised,
+        in [0, 1], the shape of ``x``. Without it a :class:`Batch` brings its own (``raw``), and plain tensors use
+        ``x`` mapped onto [0, 1] over the batch (:func:`locallearn.data.unit_range`), which accepts any input range."""
         batch = as_batch((x, y) if y is not None else x, self.device)
+        if target is not None:
+            batch = Batch(batch.x, batch.y, self._checked_target(target, batch.x))
         self.build(tuple(batch.x.shape[1:]))
         if self.channels_last and batch.x.dim() == 4:
             batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
@@ -288,6 +295,23 @@ class LocalLearner:
         stats = engine.train_step(self, batch)
         self.step += 1
         return stats
+
+    def _checked_target(self, target: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(target, Tensor) or tuple(target.shape) != tuple(x.shape):
+            got = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+            raise UserError(
+                f"train_step(target=...) must be a tensor of the inputs' shape {tuple(x.shape)}, got {got}: pass the "
+                "images to reconstruct, un-normalised in [0, 1]"
+            )
+        target = target.to(self.device, x.dtype if target.is_floating_point() else torch.float32)
+        lo, hi = target.aminmax()
+        if lo.item() < 0 or hi.item() > 1:  # one sync, only when a target is given
+            raise UserError(
+                f"train_step(target=...) holds values in [{lo.item():.3g}, {hi.item():.3g}], outside [0, 1]: the "
+                "reconstruction decoder ends in a sigmoid and is trained by binary cross-entropy, so pass the "
+                "un-normalised images scaled to [0, 1] (or no target: x mapped onto [0, 1] is used)"
+            )
+        return target
 
     def step_block(self, k: int) -> None:
         self.optimizers[k].step()

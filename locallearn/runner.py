@@ -169,6 +169,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     )
     for line in learner.describe():
         log.info("  %s", line)
+    if learner.method.aux_summary:
+        log.info("  %s", learner.method.aux_summary)
 
     history: list[dict[str, Any]] = []
     train_images, train_seconds, wall_start = 0, 0.0, time.perf_counter()

@@ -101,6 +101,7 @@ class LocalMethod(nn.Module):
     name: str = "base"
     config_class: type[MethodConfig] = MethodConfig
     recompute_aux: bool = False  # set by LocalLearner(checkpointing="aux"): see aux_segment
+    aux_summary: str | None = None  # one line for the run log on what build_aux chose (and why), if anything
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()

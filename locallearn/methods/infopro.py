@@ -41,11 +41,14 @@ log = logging.getLogger("locallearn")
 class InfoProConfig(MethodConfig):
     """Attributes:
     loss_mode: "cross_entropy" (InfoPro Softmax) or "contrast" (InfoPro Contrast, SupCon on ``feature_dim`` outputs).
-    head: auxiliary classifier: a spec "<n>c<m>f" (InfoPro's CIFAR default 1c2f; MAN's CIFAR code uses 2c2f), or
-        "bottleneck", the ImageNet head of InfoPro*/MAN (conv1x1 C→C/4, two stride-2 conv3x3, conv1x1 → the network's
-        final width, GAP, Linear; methods.md §1.4, :func:`locallearn.heads.bottleneck_head`).
+    head: auxiliary classifier: "auto" (default: "bottleneck" for inputs whose sides are both at least
+        :data:`LARGE_INPUT_SIDE` pixels, else "1c2f"; the run log says which), a spec "<n>c<m>f" (InfoPro's CIFAR
+        head 1c2f; MAN's CIFAR code uses 2c2f), or "bottleneck", the ImageNet head of InfoPro*/MAN (conv1x1 C→C/4,
+        two stride-2 conv3x3, conv1x1 → the network's final width, GAP, Linear; methods.md §1.4,
+        :func:`locallearn.heads.bottleneck_head`).
     feature_dim: hidden width of the head's linear layers and the contrastive embedding size (f = 128).
-    decoder: reconstruction decoder: "infopro" (CIFAR: upsample to the image size, conv3x3 → ``decoder_width``,
+    decoder: reconstruction decoder: "auto" (default: "upsampling" for large inputs as for ``head``, else
+        "infopro"), "infopro" (CIFAR: upsample to the image size, conv3x3 → ``decoder_width``,
         conv3x3 → image; :class:`locallearn.heads.Decoder`) or "upsampling" (ImageNet: conv1x1, then bilinear ×2 stages
         with shrinking widths, 128 → 32 → 12 → 3 from a 512×28×28 map; methods.md §1.4,
         :class:`locallearn.heads.UpsamplingDecoder`).
@@ -69,8 +72,8 @@ class InfoProConfig(MethodConfig):
     """
 
     loss_mode: str = "cross_entropy"
-    head: str = "1c2f"
-    decoder: str = "infopro"
+    head: str = "auto"
+    decoder: str = "auto"
     feature_dim: int = 128
     decoder_width: int = 12
     decoder_form: str = "auto"
@@ -82,6 +85,34 @@ class InfoProConfig(MethodConfig):
     lambda_ramp_k: int | None = None
     temperature: float = 0.07
     head_init: str = "reference"
+
+
+LARGE_INPUT_SIDE = 128
+"""Inputs at least this many pixels on both sides get the ImageNet auxiliary nets by default ("auto"): MAN's and
+InfoPro*'s bottleneck head and upsampling decoder. The CIFAR decoder upsamples every block's features to the full
+image before its convolutions, which at 224×224 costs more memory than the blocks themselves; the ImageNet decoder
+climbs back in ×2 stages with shrinking widths. STL-10 (96×96), which InfoPro trains with its CIFAR nets, stays
+below."""
+
+
+def auxiliary_nets(cfg: InfoProConfig, image_shape: tuple) -> tuple[str, str, str]:
+    """The (head, decoder) that ``cfg`` asks for on inputs of ``image_shape``, "auto" resolved, and why (a line for
+    the run log)."""
+    large = len(image_shape) == 3 and min(image_shape[1:]) >= LARGE_INPUT_SIDE
+    head = cfg.head if cfg.head != "auto" else ("bottleneck" if large else "1c2f")
+    decoder = cfg.decoder if cfg.decoder != "auto" else ("upsampling" if large else "infopro")
+    size = "×".join(str(s) for s in image_shape[1:])
+    chosen = [name for name, value in (("head", cfg.head), ("decoder", cfg.decoder)) if value == "auto"]
+    if not chosen:
+        why = "as configured"
+    else:
+        family = "ImageNet" if large else "CIFAR"
+        why = (
+            f"{' and '.join(chosen)} chosen for {size} inputs: {family} auxiliary nets "
+            f"({'both sides' if large else 'a side below'} {LARGE_INPUT_SIDE} px; set --method.head / --method.decoder "
+            "to choose)"
+        )
+    return head, decoder, why
 
 
 def ramp_positions(cfg: InfoProConfig, info: SetupInfo) -> list[float]:
@@ -112,6 +143,8 @@ class InfoPro(LocalMethod):
         if cfg.head_init not in ("reference", "torch"):
             raise UserError(f"unknown head_init {cfg.head_init!r}: use reference or torch")
         outputs = info.num_classes if cfg.loss_mode == "cross_entropy" else cfg.feature_dim
+        self.head_kind, self.decoder_kind, why = auxiliary_nets(cfg, info.image_shape)
+        self.aux_summary = f"auxiliary nets: {self.head_kind} head, {self.decoder_kind} decoder ({why})"
         local = range(len(info.blocks) - 1)
         features = [(self.aux_shape(k, info), self.aux_layout(k, info)) for k in local]
         self.heads = nn.ModuleList(self._head(s, layout, outputs, info) for s, layout in features)
@@ -136,8 +169,10 @@ class InfoPro(LocalMethod):
         reads as m linear layers; convolutions do not apply to tokens), after a LayerNorm and the model's pooling."""
         cfg = self.config
         if layout in MAPS:
-            return with_layout(layout, infopro_head(cfg.head, shape, outputs, info.feature_width, cfg.feature_dim))
-        n_fc = parse_head_spec(cfg.head)[1] if cfg.head != "bottleneck" else 2
+            return with_layout(
+                layout, infopro_head(self.head_kind, shape, outputs, info.feature_width, cfg.feature_dim)
+            )
+        n_fc = parse_head_spec(self.head_kind)[1] if self.head_kind != "bottleneck" else 2
         return sequence_head(
             shape, layout, outputs, hidden_layers=n_fc - 1, hidden=cfg.feature_dim, token_pool=info.token_pool
         )
@@ -147,7 +182,7 @@ class InfoPro(LocalMethod):
         cfg = self.config
         if layout in MAPS:
             return with_layout(
-                layout, infopro_decoder(cfg.decoder, shape, info.image_shape, cfg.decoder_width, cfg.decoder_form)
+                layout, infopro_decoder(self.decoder_kind, shape, info.image_shape, cfg.decoder_width, cfg.decoder_form)
             )
         if layout == "tokens":
             return PatchDecoder(shape, info.image_shape)

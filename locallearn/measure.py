@@ -1,0 +1,147 @@
+"""Measured training-step memory (and speed) of one bench configuration, in a fresh process.
+
+``locallearn bench`` estimates every configuration on fake tensors (:func:`locallearn.memory.estimate_peak`) and,
+next to that, measures it for real here: a child process (``python -m locallearn.measure SPEC``) builds the model,
+the learner and a synthetic batch, runs the warm-up steps (the optimizer state exists after the first), hands the
+memory freed since back to the operating system, and then measures the timed steps alone:
+
+* CPU: the growth of the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs``) over its
+  resident set just before the steps — what the steps needed on top of the model, the data, the learner and the
+  libraries, which are resident already;
+* CUDA: ``max_memory_allocated`` and ``max_memory_reserved`` after ``reset_peak_memory_stats``, and the growth of
+  the allocated bytes over those in use before the steps.
+
+A fresh process per configuration matters on a CPU: glibc keeps freed heap memory resident, so an earlier
+configuration's larger peak would hide a later one's in the same process.
+
+The estimate comparable to the CPU growth is the estimated peak less what exists before the steps (parameters,
+buffers, optimizer state): :func:`estimated_step_bytes`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from locallearn.metrics import MemoryWindow, memory_in_use
+
+RESIDENT_BEFORE_STEPS = ("Parameter", "Buffer", "Optstate")
+"""MemTracker's categories that exist before a training step (after the first one) and stay between steps."""
+
+
+@dataclass
+class Measurement:
+    """What the measured steps needed. Bytes; None where the device cannot measure it."""
+
+    growth_bytes: int | None  # peak over the steps minus what was in use just before them
+    baseline_bytes: int  # in use before the steps (CPU: resident set; CUDA: allocated)
+    peak_bytes: int  # CPU: peak RSS of the process during the steps; CUDA: max_memory_allocated
+    reserved_bytes: int | None  # CUDA: max_memory_reserved (the caching allocator's pool); None on CPU
+    images_per_second: float | None  # None when the steps were not timed
+    steps: int
+
+
+def release_free_memory() -> None:
+    """Drop unreachable Python objects and hand the heap memory freed since back to the OS (glibc
+    ``malloc_trim``), so that a later peak of the resident set is not hidden by memory freed earlier."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        libc = ctypes.CDLL(libc_name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
+def estimated_step_bytes(estimated_peak: int, parts: dict[str, int]) -> int:
+    """The estimated peak less what exists before a step: what a step adds (activations, gradients, temporaries)."""
+    return estimated_peak - sum(parts.get(name, 0) for name in RESIDENT_BEFORE_STEPS)
+
+
+def measure_steps(train_step, device: torch.device, steps: int, warmup: int, images_per_step: int, timed: bool):
+    """Run ``warmup`` untracked steps, release freed memory, then measure ``steps`` steps."""
+    for _ in range(warmup):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    release_free_memory()
+    window = MemoryWindow(device)
+    baseline = memory_in_use(device) if device.type == "cuda" else window.start
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak, growth = window.close()
+    reserved = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
+    if device.type == "cuda":
+        growth = max(0, peak - baseline)
+    rate = images_per_step * steps / seconds if timed and seconds > 0 else None
+    return Measurement(growth, baseline, peak, reserved, rate, steps)
+
+
+def measure_row(cfg_dict: dict[str, Any], method: str, bounds: list[int], checkpointing: str) -> Measurement:
+    """Build one bench configuration for real and measure its training steps (in the calling process)."""
+    from locallearn.bench import BenchConfig, _builder
+    from locallearn.data import Batch
+
+    cfg = BenchConfig(**cfg_dict)
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    learner = _builder(cfg, method, bounds, checkpointing, device)()
+    x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
+    batch = Batch(x, y, x)
+    steps = max(cfg.time_steps, 1)
+    return measure_steps(
+        lambda: learner.train_step(batch), device, steps, cfg.warmup_steps, cfg.batch_size, cfg.time_steps > 0
+    )
+
+
+def measure_in_subprocess(
+    cfg_dict: dict[str, Any], method: str, bounds: list[int], checkpointing: str, timeout: float | None = None
+) -> Measurement:
+    """:func:`measure_row` in a fresh Python process (same interpreter, environment and thread settings).
+
+    Raises:
+        RuntimeError: the child failed (its last lines of stderr are in the message; a negative exit status is the
+            signal that killed it, e.g. -9 when the kernel ran out of memory).
+    """
+    spec = json.dumps({"config": cfg_dict, "method": method, "bounds": bounds, "checkpointing": checkpointing})
+    proc = subprocess.run(
+        [sys.executable, "-m", "locallearn.measure", spec],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"measuring {method} {bounds} failed (exit status {proc.returncode}): {tail}")
+    return Measurement(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec = json.loads((argv or sys.argv[1:])[0])
+    result = measure_row(spec["config"], spec["method"], spec["bounds"], spec["checkpointing"])
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    main()
