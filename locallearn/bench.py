@@ -52,6 +52,7 @@ class BenchConfig:
     device: str = "cpu"
     channels_last: bool = True
     measure: bool = True  # measure every row for real in a fresh process (locallearn.measure)
+    malloc_mmap_threshold: int | None = None  # glibc's fixed mmap threshold in the measuring processes (allocator.py)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 
 from locallearn.config import RunConfig, from_dict
 from locallearn.data import build_data
-from locallearn.errors import UserError
+from locallearn.errors import CheckpointError
 from locallearn.learner import LocalLearner
 from locallearn.metrics import resolve_device
 
@@ -18,16 +18,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``locallearn train`` (tensors and plain data only: ``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: pass the checkpoint.pt of a finished run")
+        raise CheckpointError(f"checkpoint {path} not found: pass the checkpoint.pt of a finished run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        raise UserError(
+        raise CheckpointError(
             f"checkpoint {path} could not be read ({err.__class__.__name__}): it is damaged or not a "
             "locallearn checkpoint; use another run's checkpoint.pt"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "learner" not in ckpt:
-        raise UserError(f"{path} is not a locallearn checkpoint (format 1): use a checkpoint.pt from locallearn train")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, 2) or "learner" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not a locallearn checkpoint: use a checkpoint.pt or checkpoints/step-*.pt from locallearn train"
+        )
     return ckpt
 
 

@@ -36,6 +36,8 @@ TRAIN_FLAGS = {
     "seed": "train.seed",
     "device": "train.device",
     "out": "train.out",
+    "resume": "train.resume",
+    "checkpoint_every": "train.checkpoint_every",
     "amp": "train.amp",
     "step_order": "train.step_order",
 }
@@ -96,6 +98,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-order", choices=STEP_ORDERS)
     p.add_argument("--out", help="run directory (default runs/<time>-<method>-<arch>-K<k>)")
     p.add_argument("--overwrite", action="store_true", default=None, help="allow a non-empty --out")
+    p.add_argument(
+        "--resume",
+        help="auto: continue from the newest complete checkpoint in --out (a fresh run when there is none); or the "
+        "path of a checkpoint",
+    )
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -182,6 +190,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
         warmup_steps=args.warmup_steps,
         device=str(resolve_device(args.device)),
         measure=args.measure,
+        malloc_mmap_threshold=args.malloc_mmap_threshold,
     )
     rows = run_bench(cfg, log=lambda line: print(line, file=sys.stderr))
     command = "locallearn " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -255,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="measure every row for real in a fresh process, beside the estimate (--no-measure: estimates only)",
     )
+    p_bench.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="bytes: glibc serves larger allocations by mmap in the measuring processes, so freed activations leave "
+        "the resident set at once (e.g. 262144; see locallearn/allocator.py)",
+    )
     p_bench.add_argument("--device", default="auto")
     p_bench.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
     p_cmp = sub.add_parser("compare", help="benchmark: several methods × seeds → a markdown table")
@@ -299,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd_compare(args, argv)
         else:
             cmd_list(args)
-    except UserError as err:
+    except UserError as err:  # one line; the exit status says which kind (locallearn.errors)
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

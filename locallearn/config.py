@@ -55,6 +55,17 @@ class TrainConfig:
     checkpointing: what to recompute in backward instead of storing: "none", "stage" (each stage inside each
         block), "aux" (each segment of each auxiliary net: MAN copies, heads, decoders) or "stage+aux"
         (see locallearn.recompute).
+    malloc_mmap_threshold: CPU (glibc): serve allocations of at least this many bytes by mmap, so freed
+        activations leave the resident set at once and peak RSS follows the live tensors (e.g. 262144); None keeps
+        glibc's default, which is faster and retains freed heap memory (see locallearn.allocator).
+    checkpoint_every: also write a complete checkpoint every this many steps (0: only at the end of each epoch);
+        checkpoints go to <out>/checkpoints/ with a manifest each (locallearn.durable).
+    keep_checkpoints: complete checkpoints kept (at least 2); older ones are deleted once a newer one is complete.
+    resume: "auto" (continue from the newest checkpoint in --out that verifies, or start fresh when there is none)
+        or the path of a checkpoint; None starts a new run.
+    stop_on_sigusr1: SIGUSR1 stops the run like SIGTERM (save, exit 138); SIGTERM and SIGINT always do.
+    nonfinite: a block whose loss or gradient is NaN/inf: "stop" (error naming block and step, exit 5), "skip"
+        (that block's step is skipped and counted in summary.json) or "off" (no check, no host sync per block).
     out: run directory (None: runs/<time>-<method>-<arch>-K<k>).
     overwrite: allow writing into a non-empty run directory.
     save_checkpoint: write checkpoint.pt at the end.
@@ -74,6 +85,12 @@ class TrainConfig:
     step_order: str = "per_block"
     channels_last: bool = True
     checkpointing: str = "none"
+    malloc_mmap_threshold: int | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    stop_on_sigusr1: bool = True
+    nonfinite: str = "stop"
     out: str | None = None
     overwrite: bool = False
     save_checkpoint: bool = True

@@ -48,15 +48,15 @@ def train_step(learner: LocalLearner, batch) -> dict[str, Tensor]:
             out = block(h)
             loss, logits = learner.method.local_loss(k, out, batch)
         loss.backward()  # frees block k's graph: the memory saving of local learning happens here
-        if learner.step_order == "per_block":
-            learner.step_block(k)
         stats[f"loss/{k}"] = loss.detach()
+        if learner.step_order == "per_block":
+            learner.step_block(k, stats[f"loss/{k}"])
         if logits is not None:
             stats[f"acc/{k}"] = (logits.detach().argmax(1) == batch.y).float().mean()
         h = out.detach()  # the gradient boundary
     if learner.step_order == "after_all":
         for k in range(len(learner.blocks)):
-            learner.step_block(k)
+            learner.step_block(k, stats[f"loss/{k}"])
     return stats
 
 

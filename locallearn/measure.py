@@ -12,7 +12,7 @@ memory freed since back to the operating system, and then measures the timed ste
   the allocated bytes over those in use before the steps.
 
 A fresh process per configuration matters on a CPU: glibc keeps freed heap memory resident, so an earlier
-configuration's larger peak would hide a later one's in the same process.
+configuration's larger peak would hide a later one's in the same process (:mod:`locallearn.allocator`).
 
 The estimate comparable to the CPU growth is the estimated peak less what exists before the steps (parameters,
 buffers, optimizer state): :func:`estimated_step_bytes`.
@@ -20,9 +20,6 @@ buffers, optimizer state): :func:`estimated_step_bytes`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import os
 import subprocess
@@ -33,6 +30,7 @@ from typing import Any
 
 import torch
 
+from locallearn.allocator import release_free_memory, set_mmap_threshold
 from locallearn.metrics import MemoryWindow, memory_in_use
 
 RESIDENT_BEFORE_STEPS = ("Parameter", "Buffer", "Optstate")
@@ -49,22 +47,6 @@ class Measurement:
     reserved_bytes: int | None  # CUDA: max_memory_reserved (the caching allocator's pool); None on CPU
     images_per_second: float | None  # None when the steps were not timed
     steps: int
-
-
-def release_free_memory() -> None:
-    """Drop unreachable Python objects and hand the heap memory freed since back to the OS (glibc
-    ``malloc_trim``), so that a later peak of the resident set is not hidden by memory freed earlier."""
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    try:
-        libc = ctypes.CDLL(libc_name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
 
 
 def estimated_step_bytes(estimated_peak: int, parts: dict[str, int]) -> int:
@@ -103,6 +85,8 @@ def measure_row(cfg_dict: dict[str, Any], method: str, bounds: list[int], checkp
 
     cfg = BenchConfig(**cfg_dict)
     device = torch.device(cfg.device)
+    if cfg.malloc_mmap_threshold is not None:
+        set_mmap_threshold(cfg.malloc_mmap_threshold)
     torch.manual_seed(0)
     learner = _builder(cfg, method, bounds, checkpointing, device)()
     x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)

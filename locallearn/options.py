@@ -21,3 +21,6 @@ STEP_ORDERS: tuple[str, ...] = ("per_block", "after_all")
 
 # mixed precision: none, or bf16 autocast
 AMP: tuple[str, ...] = ("none", "bf16")
+
+NONFINITE = ("stop", "skip", "off")
+"""What a non-finite block loss or gradient does (``LocalLearner(nonfinite=...)``, ``--train.nonfinite``)."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,26 +20,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from locallearn import __version__
+from locallearn.allocator import set_mmap_threshold
 from locallearn.config import RunConfig, dump_yaml
 from locallearn.data import build_data
-from locallearn.errors import UserError
+from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, resolve_resume
+from locallearn.errors import CheckpointError, Preempted, UserError
 from locallearn.learner import LocalLearner
 from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
 from locallearn.models import create_model
 
 log = logging.getLogger("locallearn")
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _describe_checkout() -> str | None:
@@ -73,8 +65,11 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.train.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.train.method}-{arch}-K{k}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite:
-        raise UserError(f"--out {out} already holds files: choose a new directory or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite and not cfg.train.resume:
+        raise UserError(
+            f"--out {out} already holds files: choose a new directory, pass --resume auto to continue the run in it, "
+            "or --overwrite"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -104,38 +99,127 @@ def build_learner(
         amp=cfg.train.amp,  # "none" or "bf16"; the learner checks and normalises it
         channels_last=cfg.train.channels_last,
         checkpointing=cfg.train.checkpointing,
+        nonfinite=cfg.train.nonfinite,
     )
 
 
-def _epoch(learner: LocalLearner, loader, epoch: int, steps_left: int, cfg: RunConfig) -> tuple[dict, int, float]:
-    loader.set_epoch(epoch)
-    means, seen, start = RunningMeans(), 0, time.perf_counter()
-    last_key = f"loss/{len(learner.blocks) - 1}"
-    bar = tqdm(
-        total=min(len(loader), steps_left),
-        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-        disable=not cfg.train.progress,
-        leave=False,
-        dynamic_ncols=True,
+RESUMABLE_DIFFERENCES = {
+    "train.resume", "train.out", "train.overwrite", "train.progress", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.device", "train.malloc_mmap_threshold", "data.data_dir", "data.workers",
+    "data.download",
+}  # fmt: skip
+"""Config fields a resumed run may change: where and how it runs, not what it computes."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint must hold besides the learner to continue exactly."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, when ``batch`` is 0)
+    batch: int = 0  # batches of ``epoch`` already trained
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_images: int = 0
+    train_seconds: float = 0.0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+    epoch_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch_count: int = 0
+    skipped_steps: int = 0
+
+
+class _Signals:
+    """SIGTERM, SIGINT and (optionally) SIGUSR1 set a flag; the loop finishes its step, saves and stops."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+        for name in names:
+            signum = getattr(signal, name)
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section), current.get(section)
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            if name not in RESUMABLE_DIFFERENCES and a.get(key) != b.get(key):
+                diffs.append(f"{name}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+    return diffs
+
+
+def _checkpoint_state(cfg: RunConfig, learner: LocalLearner, progress: Progress) -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "format": 2,
+        "config": cfg.to_dict(),
+        "learner": learner.state_dict(),
+        "progress": {k: v for k, v in progress.__dict__.items()},
+        "rng": rng,
+        "versions": {"locallearn": __version__, "torch": str(torch.__version__), "git": git_commit()},
+    }
+
+
+def _restore(path: Path, cfg: RunConfig, learner: LocalLearner) -> Progress:
+    from locallearn.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != 2 or "progress" not in ckpt:
+        raise CheckpointError(f"{path} is a final checkpoint without training progress: resume from checkpoints/")
+    diffs = _config_differences(ckpt["config"], cfg.to_dict())
+    if diffs:
+        raise CheckpointError(
+            f"{path} was written by a different configuration ({'; '.join(diffs)}): resume with the same config, "
+            "or start a new run in another --out"
+        )
+    learner.load_state_dict(ckpt["learner"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return Progress(**ckpt["progress"])
+
+
+def _save(store, cfg: RunConfig, learner: LocalLearner, progress: Progress) -> None:
+    path = store.save(
+        _checkpoint_state(cfg, learner, progress),
+        learner.step,
+        {"epoch": progress.epoch, "batch": progress.batch},
     )
-    for i, batch in enumerate(loader):
-        if i >= steps_left:
-            break
-        means.update(learner.train_step(batch))
-        seen += batch.y.numel()
-        bar.update(1)
-        if i % 20 == 0 or i == len(loader) - 1:
-            rate = seen / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{means.sums[last_key].item() / means.count:.3f}", img_s=f"{rate:.0f}")
-    bar.close()
-    if learner.device.type == "cuda":
-        torch.cuda.synchronize(learner.device)
-    return means.means(), seen, time.perf_counter() - start
+    log.info("checkpoint: %s (step %d)", path, learner.step)
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run the configured training and return the summary (also written to ``<out>/summary.json``)."""
+    """Run the configured training and return the summary (also written to ``<out>/summary.json``).
+
+    Every ``train.checkpoint_every`` steps and at the end of each epoch a complete checkpoint goes to
+    ``<out>/checkpoints/`` (:mod:`locallearn.durable`); ``train.resume`` ("auto" or a path) continues from one so that
+    the run ends with the weights an uninterrupted run would have. SIGTERM, SIGINT and SIGUSR1 finish the current
+    step, save and raise :class:`Preempted` (exit status 128 + the signal).
+    """
     device = resolve_device(cfg.train.device)
+    if cfg.train.malloc_mmap_threshold is not None and not set_mmap_threshold(cfg.train.malloc_mmap_threshold):
+        log.warning("malloc_mmap_threshold has no effect here: the C library is not glibc")
+    if cfg.train.checkpoint_every < 0:
+        raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.train.checkpoint_every}")
+    if cfg.train.keep_checkpoints < 2:
+        raise UserError(
+            f"keep_checkpoints must be at least 2, got {cfg.train.keep_checkpoints}: a crash while one is written "
+            "must leave another"
+        )
     torch.manual_seed(cfg.train.seed)
     train_loader, test_loader, info = build_data(
         cfg.data, cfg.train.batch_size, seed=cfg.train.seed, device=device, eval_batch_size=cfg.train.eval_batch_size
@@ -157,6 +241,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             cfg.data.name,
         )
     out = prepare_run_dir(cfg)
+    store = CheckpointStore(out, cfg.train.keep_checkpoints)
+    progress = Progress()
+    resume_from = resolve_resume(cfg.train.resume, out, log) if cfg.train.resume else None
+    if resume_from is not None:
+        progress = _restore(resume_from, cfg, learner)
+        log.info("resumed at step %d (epoch %d, batch %d)", learner.step, progress.epoch + 1, progress.batch)
     dump_yaml(cfg, out / "config.yaml")
     log.info(
         "run %s: %s on %s, %s, K=%d on %s",
@@ -172,42 +262,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if learner.method.aux_summary:
         log.info("  %s", learner.method.aux_summary)
 
-    history: list[dict[str, Any]] = []
-    train_images, train_seconds, wall_start = 0, 0.0, time.perf_counter()
+    wall_start = time.perf_counter()
     memory = MemoryReport(device)
-    for epoch in range(cfg.train.epochs):
-        if learner.step >= total_steps:
-            break
-        with memory.window("train"):
-            train_stats, seen, seconds = _epoch(learner, train_loader, epoch, total_steps - learner.step, cfg)
-        train_images, train_seconds = train_images + seen, train_seconds + seconds
-        with memory.window("eval"):
-            report = learner.evaluate(test_loader)
-        row = {
-            "epoch": epoch + 1,
-            "step": learner.step,
-            "lr": learner.current_lr(),
-            **train_stats,
-            **report,
-            "train_seconds": seconds,
-            "images_per_second": seen / max(seconds, 1e-9),
-        }
-        history.append(row)
-        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
-        log.info(
-            "epoch %d/%d step %d  train loss %.4f  test acc %.4f  blocks [%s]  %.0f img/s",
-            epoch + 1,
-            cfg.train.epochs,
-            learner.step,
-            train_stats.get(f"loss/{len(learner.blocks) - 1}", 0.0),
-            report["test_accuracy"],
-            blocks,
-            row["images_per_second"],
-        )
+    signals = _Signals(["SIGTERM", "SIGINT"] + (["SIGUSR1"] if cfg.train.stop_on_sigusr1 else []))
+    try:
+        while progress.epoch < cfg.train.epochs and learner.step < total_steps:
+            with memory.window("train"):
+                _train_epoch(learner, train_loader, progress, total_steps, cfg, store, signals)
+            if progress.batch < steps_per_epoch:
+                break  # max_steps reached inside the epoch: that partial epoch is evaluated below
+            _end_epoch(learner, test_loader, progress, memory, cfg, out, store)
+        if progress.batch > 0:  # a run cut short by max_steps mid-epoch still reports that partial epoch
+            _end_epoch(learner, test_loader, progress, memory, cfg, out, store)
+    finally:
+        signals.restore()
     _, peak_kind = peak_memory(device)
     log.info("memory: %s", memory.describe())
-
+    history = progress.history
     summary = {
         "method": cfg.train.method,
         "arch": cfg.model.arch,
@@ -223,7 +294,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "peak_memory_bytes": memory.peak,
         "peak_memory_kind": peak_kind,
         **memory.summary(),
-        "images_per_second": train_images / max(train_seconds, 1e-9),
+        "images_per_second": progress.train_images / max(progress.train_seconds, 1e-9),
         **learner.num_params(),
         "wall_seconds": time.perf_counter() - wall_start,
         "device": str(device),
@@ -231,6 +302,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "torch": str(torch.__version__),
         "seed": cfg.train.seed,
         "git_commit": git_commit(),
+        "resumed_from": None if resume_from is None else str(resume_from),
+        "skipped_nonfinite_steps": progress.skipped_steps,
         "fingerprint": fingerprint(learner.model),
         "out": str(out),
     }
@@ -241,3 +314,94 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         )
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _train_epoch(learner, loader, progress: Progress, total_steps: int, cfg: RunConfig, store, signals) -> None:
+    """Train the rest of ``progress.epoch`` (from batch ``progress.batch``), checkpointing on the way."""
+    loader.set_epoch(progress.epoch, start_batch=progress.batch)
+    means = RunningMeans()
+    means.sums, means.count = dict(progress.epoch_sums), progress.epoch_count
+    last_key = f"loss/{len(learner.blocks) - 1}"
+    left = min(len(loader) - progress.batch, total_steps - learner.step)
+    bar = tqdm(
+        total=left,
+        desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
+        disable=not cfg.train.progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    start = time.perf_counter()
+    every = cfg.train.checkpoint_every
+    for done, batch in enumerate(loader, start=1):
+        if done > left:
+            break
+        stats = learner.train_step(batch)
+        means.update(stats)
+        progress.batch += 1
+        progress.epoch_seen += batch.y.numel()
+        bar.update(1)
+        if done % 20 == 1 or done == left:
+            rate = progress.epoch_seen / max(progress.epoch_seconds + time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{means.sums[last_key].item() / means.count:.3f}", img_s=f"{rate:.0f}")
+        stop = signals.received is not None
+        if (every and learner.step % every == 0 and progress.batch < len(loader)) or stop:
+            _sync(learner)
+            progress.epoch_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
+            progress.skipped_steps = learner.skipped_steps
+            _save(store, cfg, learner, progress)
+        if stop:
+            name = signal.Signals(signals.received).name
+            raise Preempted(
+                f"{name} received: stopped after step {learner.step} and saved a checkpoint in {store.dir}; "
+                "run the same command with --resume auto to continue",
+                signals.received,
+            )
+    bar.close()
+    _sync(learner)
+    progress.epoch_seconds += time.perf_counter() - start
+    progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
+    progress.skipped_steps = learner.skipped_steps
+
+
+def _sync(learner: LocalLearner) -> None:
+    if learner.device.type == "cuda":
+        torch.cuda.synchronize(learner.device)
+
+
+def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig, out: Path, store) -> None:
+    """Evaluate, append the epoch's row to ``metrics.jsonl`` and checkpoint the epoch's end."""
+    with memory.window("eval"):
+        report = learner.evaluate(test_loader)
+    means = RunningMeans()
+    means.sums, means.count = progress.epoch_sums, progress.epoch_count
+    train_stats = means.means()
+    seen, seconds = progress.epoch_seen, progress.epoch_seconds
+    row = {
+        "epoch": progress.epoch + 1,
+        "step": learner.step,
+        "lr": learner.current_lr(),
+        **train_stats,
+        **report,
+        "train_seconds": seconds,
+        "images_per_second": seen / max(seconds, 1e-9),
+    }
+    progress.history.append(row)
+    progress.train_images += seen
+    progress.train_seconds += seconds
+    progress.epoch, progress.batch = progress.epoch + 1, 0
+    progress.epoch_seen, progress.epoch_seconds, progress.epoch_sums, progress.epoch_count = 0, 0.0, {}, 0
+    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
+    blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
+    log.info(
+        "epoch %d/%d step %d  train loss %.4f  test acc %.4f  blocks [%s]  %.0f img/s",
+        row["epoch"],
+        cfg.train.epochs,
+        learner.step,
+        train_stats.get(f"loss/{len(learner.blocks) - 1}", 0.0),
+        report["test_accuracy"],
+        blocks,
+        row["images_per_second"],
+    )
+    _save(store, cfg, learner, progress)

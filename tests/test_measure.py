@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from locallearn import LocalLearner, create_model
+from locallearn.allocator import release_free_memory
 from locallearn.bench import BenchConfig, markdown, run_bench
 from locallearn.data import DataConfig, build_data, default_eval_batch_size
 from locallearn.errors import UserError
 from locallearn.heads import Decoder, UpsamplingDecoder
-from locallearn.measure import estimated_step_bytes, measure_steps, release_free_memory
+from locallearn.measure import estimated_step_bytes, measure_steps
 from locallearn.methods import METHODS
 from locallearn.metrics import MemoryWindow
 
@@ -40,7 +41,7 @@ def test_measured_steps_count_what_the_steps_allocate_and_not_what_came_before()
     assert 56 * MiB < m.growth_bytes < 112 * MiB, m.growth_bytes / MiB
     assert m.baseline_bytes > 160 * MiB and m.peak_bytes >= m.baseline_bytes + m.growth_bytes - 8 * MiB
     assert m.images_per_second > 0 and m.reserved_bytes is None and m.steps == 2
-    del kept
+    kept.clear()
     release_free_memory()
 
 
@@ -92,6 +93,7 @@ def test_the_run_summary_reports_the_training_steps_apart(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     for key in ("process_peak_memory_bytes", "train_steps_memory_growth_bytes", "eval_memory_growth_bytes"):
         assert key in summary
+    assert summary["process_peak_memory_bytes"] >= summary["train_steps_peak_memory_bytes"] > 0
     assert summary["process_peak_memory_bytes"] >= summary["memory_in_use_before_training_bytes"]
 
 
@@ -162,3 +164,30 @@ def test_a_reconstruction_target_is_used_and_checked():
         learner.train_step(x, y, target=x)
     with pytest.raises(UserError, match="inputs' shape"):
         learner.train_step(x, y, target=target[:, :1])
+
+
+def test_the_allocator_knob_is_checked_and_takes_effect_in_its_own_process():
+    import subprocess
+    import sys
+
+    from locallearn.allocator import set_mmap_threshold
+
+    with pytest.raises(UserError, match="outside 0"):
+        set_mmap_threshold(64 * MiB)  # checked before anything changes (this process keeps glibc's defaults)
+    # In a child, so the suite's own allocator is left alone: with a fixed 256 KiB threshold, 16 MiB tensors come
+    # from mmap and leave the resident set when freed; glibc's default keeps the second round on its heap.
+    script = (
+        "import sys, torch; from locallearn.allocator import set_mmap_threshold; from locallearn.metrics import "
+        "memory_in_use\n"
+        "ok = set_mmap_threshold(256 * 1024) if sys.argv[1] == 'fixed' else True\n"
+        "cpu = torch.device('cpu'); xs = [torch.ones(4 * 2**20) for _ in range(8)]; del xs\n"
+        "before = memory_in_use(cpu); xs = [torch.ones(4 * 2**20) for _ in range(8)]; del xs\n"
+        "print(ok, (memory_in_use(cpu) - before) // 2**20)"
+    )
+    results = {}
+    for mode in ("fixed", "default"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        ok, kept = out.stdout.split()
+        results[mode] = (ok, int(kept))
+    assert results["fixed"][0] == "True" and results["fixed"][1] < 16, results
+    assert results["default"][1] > 64, results  # what the knob is for: glibc's default keeps the freed tensors

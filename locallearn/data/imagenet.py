@@ -15,6 +15,7 @@ workers, and even with persistent workers, whose own RNGs are seeded only once w
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def __init__(self, base: Sampler[int], generator: torch.Generator) -> None:
         self.base = base
         self.generator = generator
+        self.skip = 0  # leading examples left out (a run resumed mid-epoch); drawn all the same
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -64,7 +66,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # Seeds first, then the order: RandomSampler draws its permutation from the same generator when iterated.
         seeds = torch.randint(2**62, (len(self),), generator=self.generator).tolist()
-        return zip(self.base, seeds)
+        return itertools.islice(zip(self.base, seeds), self.skip, None)
 
 
 class SeededItems(Dataset):
@@ -149,9 +151,11 @@ class FolderLoader:
         """Number of examples in the dataset (including any dropped by ``drop_last``)."""
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iterations produce."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iterations produce, from batch ``start_batch`` on
+        (a run resumed mid-epoch: the batches are those of an uninterrupted pass, the first ones left out)."""
         self.epoch = epoch
+        self.loader.sampler.skip = start_batch * self.batch_size
 
     def __len__(self) -> int:
         """Number of batches per epoch."""

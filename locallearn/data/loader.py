@@ -123,6 +123,7 @@ class InMemoryLoader:
         self.augment = augment and train and (info.crop_padding > 0 or info.hflip)
         self.mean, self.std = normalization_tensors(info, self.device, self.compute_dtype)
         self.epoch = 0
+        self.start_batch = 0
         if train and len(self) == 0:
             raise UserError(
                 f"the training set has {len(images)} examples, fewer than one batch of {batch_size}: "
@@ -134,9 +135,10 @@ class InMemoryLoader:
         """Number of examples in the underlying data (including any dropped by ``drop_last``)."""
         return len(self.images)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iterations produce."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iterations produce, from batch ``start_batch`` on
+        (a run resumed mid-epoch: the batches are those of an uninterrupted pass, the first ones left out)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -165,7 +167,7 @@ class InMemoryLoader:
             flips = flips.to(self.device)
         else:
             order = torch.arange(n, device=self.device)
-        for i in range(len(self)):
+        for i in range(self.start_batch, len(self)):
             idx = order[i * bs : (i + 1) * bs]
             images = self.images[idx]
             if self.augment:

@@ -109,7 +109,7 @@ def auxiliary_nets(cfg: InfoProConfig, image_shape: tuple) -> tuple[str, str, st
         family = "ImageNet" if large else "CIFAR"
         why = (
             f"{' and '.join(chosen)} chosen for {size} inputs: {family} auxiliary nets "
-            f"({'both sides' if large else 'a side below'} {LARGE_INPUT_SIDE} px; set --method.head / --method.decoder "
+            f"({'both sides ≥' if large else 'a side <'} {LARGE_INPUT_SIDE} px; set --method.head / --method.decoder "
             "to choose)"
         )
     return head, decoder, why

@@ -1,0 +1,148 @@
+"""Nothing lost: a run killed (SIGKILL) or preempted (SIGTERM) and resumed ends with the uninterrupted run's weights;
+checkpoints are complete or ignored; non-finite losses stop or skip; bad checkpoints are refused with their exit
+status. The training runs are real ``locallearn train`` processes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from locallearn import LocalLearner, create_model
+from locallearn.durable import CheckpointStore, atomic_write, verify
+from locallearn.errors import NonFiniteError
+
+RUN = [
+    sys.executable, "-m", "locallearn", "train", "--dataset", "synthetic", "--image-size", "16", "--arch", "resnet20",
+    "--K", "3", "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--no-progress",
+    "--data.synthetic_train_size=320", "--data.synthetic_test_size=64", "--checkpoint-every", "3",
+]  # fmt: skip
+
+
+def _train(out: Path, method: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*RUN, "--method", method, "--out", str(out), *extra], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _interrupt(out: Path, method: str, sig: int, after_step: int) -> subprocess.CompletedProcess:
+    """Start a run and send ``sig`` once checkpoint ``after_step`` is complete."""
+    proc = subprocess.Popen(
+        [*RUN, "--method", method, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    manifest = out / "checkpoints" / f"step-{after_step:09d}.json"
+    deadline = time.monotonic() + 120
+    while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run per method, shared by the tests that compare against it."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    summaries = {}
+    for method in ("dgl+man", "auglocal"):
+        _train(root / method, method)
+        summaries[method] = _summary(root / method)
+    return summaries
+
+
+@pytest.mark.parametrize("method", ["dgl+man", "auglocal"])  # MAN's EMA copies; AugLocal's random layer sampling
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted, method):
+    out = tmp_path / "run"
+    killed = _interrupt(out, method, signal.SIGKILL, after_step=6)
+    assert killed.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
+    resumed = _train(out, method, "--resume", "auto")
+    assert "resume: taking" in resumed.stderr
+    summary = _summary(out)
+    assert summary["resumed_from"] is not None and summary["steps"] == uninterrupted[method]["steps"]
+    assert summary["fingerprint"] == uninterrupted[method]["fingerprint"]
+    assert summary["test_accuracy"] == uninterrupted[method]["test_accuracy"]
+
+
+def test_sigterm_saves_and_exits_143_and_the_same_command_resumes(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    stopped = _interrupt(out, "dgl+man", signal.SIGTERM, after_step=3)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-1000:]
+    assert "SIGTERM received" in stopped.stderr and "--resume auto" in stopped.stderr
+    assert CheckpointStore(out).newest_valid().path is not None
+    _train(out, "dgl+man", "--resume", "auto")
+    assert _summary(out)["fingerprint"] == uninterrupted["dgl+man"]["fingerprint"]
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_previous_one_taken(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    _interrupt(out, "dgl+man", signal.SIGKILL, after_step=9)
+    store = CheckpointStore(out)
+    newest = store.manifests()[0].with_suffix(".pt")
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated by hand
+    resumed = _train(out, "dgl+man", "--resume", "auto")
+    assert f"skipped checkpoint {newest.name}" in resumed.stderr and "truncated" in resumed.stderr
+    assert _summary(out)["fingerprint"] == uninterrupted["dgl+man"]["fingerprint"]
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_and_bad_resumes_are_refused(tmp_path, uninterrupted):
+    fresh = _train(tmp_path / "fresh", "dgl+man", "--resume", "auto")
+    assert "starting a fresh run" in fresh.stderr
+    assert _summary(tmp_path / "fresh")["fingerprint"] == uninterrupted["dgl+man"]["fingerprint"]
+    missing = _train(tmp_path / "x", "dgl+man", "--resume", str(tmp_path / "nope.pt"), check=False)
+    assert missing.returncode == 4 and "no such file" in missing.stderr
+    ckpt = CheckpointStore(tmp_path / "fresh").manifests()[0].with_suffix(".pt")
+    other = _train(tmp_path / "fresh", "dgl+man", "--resume", str(ckpt), "--lr", "0.05", check=False)
+    assert other.returncode == 4 and "optim.lr" in other.stderr  # the differing field is named
+    ckpt.write_bytes(b"garbage")
+    damaged = _train(tmp_path / "fresh", "dgl+man", "--resume", str(ckpt), check=False)
+    assert damaged.returncode == 4 and "does not verify" in damaged.stderr
+
+
+def test_rotation_keeps_two_complete_checkpoints_and_writes_are_atomic(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        store.save({"w": torch.full((4,), float(step))}, step, {"epoch": 0, "batch": step})
+    names = sorted(p.name for p in store.dir.iterdir())
+    assert names == ["step-000000002.json", "step-000000002.pt", "step-000000003.json", "step-000000003.pt"]
+    assert all(verify(m) is None for m in store.manifests())
+    atomic_write(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").read_text() == "x" and not list(tmp_path.glob(".*.tmp"))
+
+
+def _poisoned_learner(nonfinite: str):
+    """A learner whose block 1 gets a NaN gradient (its loss stays finite) until the hook is removed."""
+    torch.manual_seed(0)
+    learner = LocalLearner(create_model("resnet20"), "dgl", 3, input_shape=(3, 16, 16), nonfinite=nonfinite)
+    weight = next(learner.blocks[1].parameters())
+    hook = weight.register_hook(lambda g: g * float("nan"))
+    return learner, weight, hook
+
+
+def test_a_non_finite_gradient_stops_before_the_step_and_names_the_block():
+    learner, weight, _ = _poisoned_learner("stop")
+    before = weight.detach().clone()
+    with pytest.raises(NonFiniteError, match="block 1 .* step 0"):
+        learner.train_step(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(weight.detach(), before)  # block 1 never stepped on the NaN gradient
+
+
+def test_skip_mode_skips_and_counts_non_finite_steps():
+    learner, weight, hook = _poisoned_learner("skip")
+    first = next(learner.blocks[0].parameters())
+    before, before_first = weight.detach().clone(), first.detach().clone()
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    learner.train_step(x, y)
+    assert learner.skipped_steps == 1 and torch.equal(weight.detach(), before)
+    assert not torch.equal(first.detach(), before_first)  # the other blocks stepped
+    hook.remove()
+    learner.train_step(x, y)
+    assert learner.skipped_steps == 1 and not torch.equal(weight.detach(), before)
