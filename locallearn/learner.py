@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from locallearn import engine, recompute
 from locallearn.data import Batch, as_batch
@@ -338,6 +339,8 @@ class LocalLearner:
 
     def _finite(self, k: int, loss: Tensor) -> bool:
         """Block k's loss and the norm of its gradients are finite (one host sync)."""
+        if is_fake(loss):  # memory estimation and FLOP counting run on fake tensors: there are no values to check
+            return True
         grads = [p.grad for group in self.optimizers[k].param_groups for p in group["params"] if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         return bool(torch.isfinite(loss.float()) & torch.isfinite(total.to(loss.device).float()))

@@ -33,9 +33,9 @@ def record_grads_at_each_step(learner):
     seen = []
     original = learner.step_block
 
-    def step_block(k):
+    def step_block(k, loss=None):
         seen.append((k, {name: p.grad.clone() for name, p in named_params(learner) if p.grad is not None}))
-        original(k)
+        original(k, loss)
 
     learner.step_block = step_block
     return seen

@@ -175,7 +175,7 @@ def test_the_allocator_knob_is_checked_and_takes_effect_in_its_own_process():
     with pytest.raises(UserError, match="outside 0"):
         set_mmap_threshold(64 * MiB)  # checked before anything changes (this process keeps glibc's defaults)
     # In a child, so the suite's own allocator is left alone: with a fixed 256 KiB threshold, 16 MiB tensors come
-    # from mmap and leave the resident set when freed; glibc's default keeps the second round on its heap.
+    # from mmap and leave the resident set when freed.
     script = (
         "import sys, torch; from locallearn.allocator import set_mmap_threshold; from locallearn.metrics import "
         "memory_in_use\n"
@@ -185,9 +185,10 @@ def test_the_allocator_knob_is_checked_and_takes_effect_in_its_own_process():
         "print(ok, (memory_in_use(cpu) - before) // 2**20)"
     )
     results = {}
-    for mode in ("fixed", "default"):
+    for mode in ("fixed",):
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
         ok, kept = out.stdout.split()
         results[mode] = (ok, int(kept))
     assert results["fixed"][0] == "True" and results["fixed"][1] < 16, results
-    assert results["default"][1] > 64, results  # what the knob is for: glibc's default keeps the freed tensors
+    # glibc's default often keeps the second round resident (127 MiB measured here) but not always (its dynamic
+    # threshold and top-of-heap trimming depend on the heap's layout), so only the knob's guarantee is asserted.
