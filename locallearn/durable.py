@@ -73,6 +73,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_keep(keep: int) -> None:
+    """Rotation must keep at least two complete checkpoints: a crash while one is written leaves the other."""
+    if keep < 2:
+        raise UserError(f"keep_checkpoints must be at least 2, got {keep}: a crash while writing one must leave one")
+
+
 @dataclass
 class Found:
     """A checkpoint that verified, and those newer ones that did not (with the reason)."""
@@ -86,8 +92,7 @@ class CheckpointStore:
     """The rotating checkpoints of one run directory."""
 
     def __init__(self, run_dir: Path, keep: int = 2) -> None:
-        if keep < 2:
-            raise UserError(f"keep_checkpoints must be at least 2, got {keep}: a crash while writing one leaves one")
+        check_keep(keep)
         self.dir = Path(run_dir) / CHECKPOINT_DIR
         self.keep = keep
 

@@ -370,6 +370,7 @@ class LocalLearner:
             "method": self.method.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "bounds": list(self.bounds),
             "input_shape": list(self.input_shape),
         }
@@ -404,3 +405,4 @@ class LocalLearner:
                 "and classes"
             ) from None
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))  # absent from checkpoints written before it existed

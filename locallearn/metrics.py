@@ -120,17 +120,20 @@ class MemoryReport:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.before_training = memory_in_use(device)
-        self.peak = 0
         self.peaks: dict[str, int] = {"train": 0, "eval": 0}
         self.growth: dict[str, int | None] = {"train": 0, "eval": 0}
         self.process_peak = process_peak_memory(device)  # what building the model, data and learner took
+
+    @property
+    def peak(self) -> int:
+        """The highest peak of any window since training began."""
+        return max(self.peaks.values())
 
     @contextlib.contextmanager
     def window(self, kind: str):
         window = MemoryWindow(self.device)
         yield
         peak, growth = window.close()
-        self.peak = max(self.peak, peak)
         self.peaks[kind] = max(self.peaks[kind], peak)
         self.process_peak = max(self.process_peak, process_peak_memory(self.device))
         old = self.growth[kind]

@@ -24,7 +24,7 @@ from locallearn import __version__
 from locallearn.allocator import set_mmap_threshold
 from locallearn.config import RunConfig, dump_yaml
 from locallearn.data import build_data
-from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, resolve_resume
+from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, check_keep, resolve_resume
 from locallearn.errors import CheckpointError, Preempted, UserError
 from locallearn.learner import LocalLearner
 from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
@@ -124,7 +124,6 @@ class Progress:
     epoch_seconds: float = 0.0
     epoch_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     epoch_count: int = 0
-    skipped_steps: int = 0
 
 
 class _Signals:
@@ -168,7 +167,7 @@ def _checkpoint_state(cfg: RunConfig, learner: LocalLearner, progress: Progress)
         "format": 2,
         "config": cfg.to_dict(),
         "learner": learner.state_dict(),
-        "progress": {k: v for k, v in progress.__dict__.items()},
+        "progress": dict(vars(progress)),
         "rng": rng,
         "versions": {"locallearn": __version__, "torch": str(torch.__version__), "git": git_commit()},
     }
@@ -215,11 +214,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         log.warning("malloc_mmap_threshold has no effect here: the C library is not glibc")
     if cfg.train.checkpoint_every < 0:
         raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.train.checkpoint_every}")
-    if cfg.train.keep_checkpoints < 2:
-        raise UserError(
-            f"keep_checkpoints must be at least 2, got {cfg.train.keep_checkpoints}: a crash while one is written "
-            "must leave another"
-        )
+    check_keep(cfg.train.keep_checkpoints)  # before any work, not only when the store is made
     torch.manual_seed(cfg.train.seed)
     train_loader, test_loader, info = build_data(
         cfg.data, cfg.train.batch_size, seed=cfg.train.seed, device=device, eval_batch_size=cfg.train.eval_batch_size
@@ -303,7 +298,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.train.seed,
         "git_commit": git_commit(),
         "resumed_from": None if resume_from is None else str(resume_from),
-        "skipped_nonfinite_steps": progress.skipped_steps,
+        "skipped_nonfinite_steps": learner.skipped_steps,
         "fingerprint": fingerprint(learner.model),
         "out": str(out),
     }
@@ -332,6 +327,12 @@ def _train_epoch(learner, loader, progress: Progress, total_steps: int, cfg: Run
     )
     start = time.perf_counter()
     every = cfg.train.checkpoint_every
+
+    def bank() -> None:  # move the epoch's time and running sums into progress (before a save, at the end)
+        _sync(learner)
+        progress.epoch_seconds += time.perf_counter() - start
+        progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
+
     for done, batch in enumerate(loader, start=1):
         if done > left:
             break
@@ -345,12 +346,9 @@ def _train_epoch(learner, loader, progress: Progress, total_steps: int, cfg: Run
             bar.set_postfix(loss=f"{means.sums[last_key].item() / means.count:.3f}", img_s=f"{rate:.0f}")
         stop = signals.received is not None
         if (every and learner.step % every == 0 and progress.batch < len(loader)) or stop:
-            _sync(learner)
-            progress.epoch_seconds += time.perf_counter() - start
-            start = time.perf_counter()
-            progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
-            progress.skipped_steps = learner.skipped_steps
+            bank()
             _save(store, cfg, learner, progress)
+            start = time.perf_counter()  # the save's time is not training time
         if stop:
             name = signal.Signals(signals.received).name
             raise Preempted(
@@ -359,10 +357,7 @@ def _train_epoch(learner, loader, progress: Progress, total_steps: int, cfg: Run
                 signals.received,
             )
     bar.close()
-    _sync(learner)
-    progress.epoch_seconds += time.perf_counter() - start
-    progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
-    progress.skipped_steps = learner.skipped_steps
+    bank()
 
 
 def _sync(learner: LocalLearner) -> None:
