@@ -40,6 +40,8 @@ TRAIN_FLAGS = {
     "checkpoint_every": "train.checkpoint_every",
     "amp": "train.amp",
     "step_order": "train.step_order",
+    "parallel": "dist.parallel",
+    "staleness": "dist.staleness",
 }
 
 
@@ -104,6 +106,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "path of a checkpoint",
     )
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
+    p.add_argument(
+        "--parallel",
+        choices=["auto", "none", "data", "pipeline"],
+        help="under torchrun: data (default) or pipeline (one stage of blocks per process); see docs/distributed.md",
+    )
+    p.add_argument(
+        "--staleness",
+        type=int,
+        help="pipeline with MAN: steps block k's EMA copy may lag block k+1 on the next stage (default 0: exact)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -142,10 +154,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from locallearn.distributed.context import shutdown
     from locallearn.runner import train
 
     cfg = build_config(args, overrides)
-    _print_summary(train(cfg))
+    try:
+        summary = train(cfg)
+    finally:
+        shutdown()
+    if summary is not None:  # under torchrun only rank 0 has one
+        _print_summary(summary)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

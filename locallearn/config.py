@@ -98,11 +98,33 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Attributes (see docs/distributed.md):
+    parallel: "auto" (data-parallel when launched by torchrun with several processes, else "none"), "none",
+        "data" (every rank all K blocks, each on its shard of every batch) or "pipeline" (the K blocks in one
+        contiguous stage per process, all stages working at once).
+    stages: pipeline: the first block of stages 1 .. S-1 (e.g. [2] for K=4 on 2 processes); None balances the
+        stages by the measured time per block.
+    staleness: pipeline, MAN/MAN++: steps by which block k's EMA copy may lag block k+1's first layer when that
+        layer is on the next stage (0: exactly the sequential result; 1+: the stage never waits for the next one).
+    sync_bn: data-parallel: BatchNorm statistics over the global batch (torch's SyncBatchNorm; CUDA only).
+    timeout_s: seconds any collective or message may wait before the process stops with an error (a dead rank).
+    """
+
+    parallel: str = "auto"
+    stages: list[int] | None = None
+    staleness: int = 0
+    sync_bn: bool = False
+    timeout_s: float = 300.0
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(limit_train=10000))
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     method: dict[str, Any] = field(default_factory=dict)
 
     def resolved_k(self) -> int | None:
@@ -114,7 +136,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "model", "optim", "train")
+SECTIONS = ("data", "model", "optim", "train", "dist")
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:

@@ -17,7 +17,7 @@ Step order (``step_order``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
@@ -41,52 +41,100 @@ def autocast_context(device: torch.device, amp: str | None) -> ContextManager:
 
 def train_step(learner: LocalLearner, batch) -> dict[str, Tensor]:
     """One optimisation step of every block on ``batch``; returns detached per-block losses and accuracies."""
+    stats, _ = train_blocks(learner, batch, batch.x, range(len(learner.blocks)))
+    return stats
+
+
+def train_blocks(
+    learner: LocalLearner,
+    batch,
+    h: Tensor,
+    blocks: range,
+    before_block: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Train the contiguous ``blocks`` on input ``h`` (the output of the block before them, or ``batch.x``).
+
+    Returns the detached per-block statistics and the detached output of the last of them. A pipeline stage
+    (:mod:`locallearn.distributed.pipeline`) runs its own range of blocks with this; :func:`train_step` runs all.
+    ``before_block(k)`` runs before block k's forward, ``after_step(k)`` after its optimizer step (per-block order):
+    the stage waits for, and sends, the parameters that cross stages there.
+    """
     stats: dict[str, Tensor] = {}
-    h = batch.x
-    for k, block in enumerate(learner.blocks):
+    for k in blocks:
+        if before_block is not None:
+            before_block(k)
         with learner.autocast():
-            out = block(h)
+            out = learner.blocks[k](h)
             loss, logits = learner.method.local_loss(k, out, batch)
         loss.backward()  # frees block k's graph: the memory saving of local learning happens here
         stats[f"loss/{k}"] = loss.detach()
         if learner.step_order == "per_block":
-            learner.step_block(k, stats[f"loss/{k}"])
+            stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
+            if after_step is not None:
+                after_step(k)
         if logits is not None:
             stats[f"acc/{k}"] = (logits.detach().argmax(1) == batch.y).float().mean()
         h = out.detach()  # the gradient boundary
     if learner.step_order == "after_all":
-        for k in range(len(learner.blocks)):
-            learner.step_block(k, stats[f"loss/{k}"])
-    return stats
+        for k in blocks:
+            stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
+    return stats, h
 
 
 @torch.no_grad()
-def evaluate(learner: LocalLearner, batches: Iterable) -> dict:
+def eval_blocks(learner: LocalLearner, h: Tensor, y: Tensor, blocks: range, sums: Tensor) -> Tensor:
+    """Forward the contiguous ``blocks`` on ``h`` in inference mode, adding to ``sums`` (one row per block of the
+    model: correct predictions of its classifier; the last block's row also holds the summed test loss).
+
+    Returns the output of the last of ``blocks``. Inference runs the plain backbone; auxiliary nets are only read to
+    report per-block accuracy. Columns: correct predictions, "has a classifier" (> 0 once a batch went through a
+    block with a head), summed loss and examples (both on the last block's row)."""
+    num_blocks = len(learner.blocks)
+    method = learner.method
+    for k in blocks:
+        with learner.autocast():
+            h = learner.blocks[k](h)
+            logits = h if k == num_blocks - 1 else method.aux_logits(k, h)
+        if logits is not None:
+            sums[k, 0] += (logits.argmax(1) == y).sum()
+            sums[k, 1] = 1  # this block has a classifier
+        if k == num_blocks - 1:
+            sums[k, 2] += F.cross_entropy(at_least_fp32(h), y, reduction="sum").double()
+            sums[k, 3] += y.numel()
+    return h
+
+
+def eval_sums(learner: LocalLearner) -> Tensor:
+    """Zeroed accumulators for :func:`eval_blocks`: ``[K, 4]`` float64 (correct, has head, loss sum, examples)."""
+    return torch.zeros(len(learner.blocks), 4, dtype=torch.float64, device=learner.device)
+
+
+def eval_report(sums: Tensor) -> dict:
+    """The evaluation dict from (possibly all-reduced) :func:`eval_blocks` sums."""
+    rows = sums.cpu().tolist()
+    total = rows[-1][3]
+    accs = [r[0] / max(total, 1) if r[1] > 0 else None for r in rows]
+    return {"test_accuracy": accs[-1], "test_loss": rows[-1][2] / max(total, 1), "block_accuracies": accs}
+
+
+@torch.no_grad()
+def evaluate(learner: LocalLearner, batches: Iterable, reduce=None) -> dict:
     """Test accuracy of the network and of each block's auxiliary classifier (in block order).
 
-    Inference runs the plain backbone; auxiliary nets are only read to report per-block accuracy.
+    ``reduce``, when given, sums the accumulators across processes in place (data-parallel evaluation, each
+    process on its shard of the test set) before the accuracies are computed. Counts are float64: exact up to 2^53.
     """
     model, method = learner.model, learner.method
     was_training = model.training
     model.eval()
     method.eval()
-    num_blocks = len(learner.blocks)
-    correct = [torch.zeros((), dtype=torch.long, device=learner.device) for _ in range(num_blocks)]
-    has_head = [False] * num_blocks
-    loss_sum = torch.zeros((), device=learner.device)
-    total = 0
+    sums = eval_sums(learner)
+    everything = range(len(learner.blocks))
     for batch in batches:
-        h = batch.x
-        for k, block in enumerate(learner.blocks):
-            with learner.autocast():
-                h = block(h)
-                logits = h if k == num_blocks - 1 else method.aux_logits(k, h)
-            if logits is not None:
-                has_head[k] = True
-                correct[k] += (logits.argmax(1) == batch.y).sum()
-        loss_sum += F.cross_entropy(at_least_fp32(h), batch.y, reduction="sum")
-        total += batch.y.numel()
+        eval_blocks(learner, batch.x, batch.y, everything, sums)
     model.train(was_training)
     method.train(was_training)
-    accs = [c.item() / max(total, 1) if has else None for c, has in zip(correct, has_head)]
-    return {"test_accuracy": accs[-1], "test_loss": loss_sum.item() / max(total, 1), "block_accuracies": accs}
+    if reduce is not None:
+        reduce(sums)
+    return eval_report(sums)

@@ -10,6 +10,7 @@ must say what was wrong *and* what to do about it.
 | 3 | :class:`DataError` | a dataset missing, empty, corrupt or with labels out of range |
 | 4 | :class:`CheckpointError` | a checkpoint missing, damaged, or not of this run's configuration |
 | 5 | :class:`NonFiniteError` | a block's loss or gradient became NaN or infinite |
+| 6 | :class:`PeerFailed` | distributed run: another process died or a message timed out (``--dist.timeout_s``) |
 | 128 + N | :class:`Preempted` | signal N (SIGTERM 143, SIGINT 130, SIGUSR1 138) stopped the run after a checkpoint |
 """
 
@@ -36,6 +37,12 @@ class NonFiniteError(UserError):
     """Training produced a NaN or infinite loss or gradient."""
 
     exit_code = 5
+
+
+class PeerFailed(UserError):
+    """A distributed run lost a peer: a collective or message failed or timed out."""
+
+    exit_code = 6
 
 
 class Preempted(UserError):

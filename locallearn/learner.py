@@ -13,7 +13,7 @@ Every bit of training state (backbone, auxiliary nets, EMA copies, optimizer mom
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
@@ -165,7 +165,13 @@ class LocalLearner:
         self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
         self.step_order, self.amp = step_order, None if amp == "none" else amp
         self.step = 0
-        self.nonfinite, self.skipped_steps = nonfinite, 0
+        self.nonfinite = nonfinite
+        self.skipped_by_block: list[int] = []  # steps the non-finite guard skipped, per block (sized by build)
+        # Set by locallearn.distributed: averages block k's gradients (and loss) across processes before its step;
+        # `where` names the process in error messages (" on rank 1").
+        self.grad_sync: Callable[[int, torch.optim.Optimizer, Tensor | None], Tensor | None] | None = None
+        self.where = ""
+        self.eval_reduce: Callable[[Tensor], None] | None = None  # sums evaluation counts across processes
         self.input_shape: Shape | None = None
         if input_shape is not None:
             self.build(tuple(input_shape))
@@ -178,6 +184,11 @@ class LocalLearner:
                 "(train_step or evaluate), or at once when input_shape=(C, H, W) is given"
             )
         raise AttributeError(name)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Block steps the non-finite guard skipped (``nonfinite="skip"``), all blocks together."""
+        return sum(self.skipped_by_block)
 
     @property
     def built(self) -> bool:
@@ -223,6 +234,7 @@ class LocalLearner:
             self.model.to(memory_format=torch.channels_last)
             self.method.to(memory_format=torch.channels_last)
         self.optimizers = build_optimizers([self.block_params(k) for k in range(len(self.blocks))], self.optim_cfg)
+        self.skipped_by_block = [0] * len(self.blocks)
         self._check_param_ownership()
 
     # -- construction helpers ------------------------------------------------------------------------------------
@@ -297,12 +309,27 @@ class LocalLearner:
         self.build(tuple(batch.x.shape[1:]))
         if self.channels_last and batch.x.dim() == 4:
             batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
+        stats, _ = self.train_blocks(batch, batch.x, range(len(self.blocks)))
+        return stats
+
+    def train_blocks(
+        self,
+        batch: Batch,
+        h: Tensor,
+        blocks: range,
+        before_block: Callable[[int], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One step of the contiguous ``blocks`` on ``h`` (the output of the block before them); advances the step
+        counter. Returns their statistics and their detached output. A pipeline stage trains its own blocks with
+        this (:mod:`locallearn.distributed.pipeline`); :meth:`train_step` trains them all. The hooks run before
+        block k's forward and after its optimizer step (see :func:`locallearn.engine.train_blocks`)."""
         set_lr(self.optimizers, self.current_lr())
         self.model.train()
         self.method.train()
-        stats = engine.train_step(self, batch)
+        stats, out = engine.train_blocks(self, batch, h, blocks, before_block, after_step)
         self.step += 1
-        return stats
+        return stats, out
 
     def _checked_target(self, target: Tensor, x: Tensor) -> Tensor:
         if not isinstance(target, Tensor) or tuple(target.shape) != tuple(x.shape):
@@ -321,21 +348,28 @@ class LocalLearner:
             )
         return target
 
-    def step_block(self, k: int, loss: Tensor | None = None) -> None:
-        """Step block k's optimizer (after the non-finite guard, given its ``loss``) and free its gradients."""
+    def step_block(self, k: int, loss: Tensor | None = None) -> Tensor | None:
+        """Step block k's optimizer (after the non-finite guard, given its ``loss``) and free its gradients.
+
+        With a ``grad_sync`` set (data-parallel training, :mod:`locallearn.distributed.data_parallel`) block k's
+        gradients and loss are first averaged across processes, so the guard decides alike on every rank. Returns the
+        loss the guard saw (the average, under data parallelism)."""
+        if self.grad_sync is not None:
+            loss = self.grad_sync(k, self.optimizers[k], loss)
         if self.nonfinite != "off" and loss is not None and not self._finite(k, loss):
             if self.nonfinite == "stop":
                 raise NonFiniteError(
-                    f"block {k} has a non-finite loss or gradient at step {self.step} (loss {loss.item():.4g}): "
-                    "its optimizer did not step; lower --lr, try --amp none, or pass --train.nonfinite=skip to "
-                    "skip such steps (a run's last checkpoint still holds finite weights)"
+                    f"block {k} has a non-finite loss or gradient at step {self.step}{self.where} (loss "
+                    f"{loss.item():.4g}): its optimizer did not step; lower --lr, try --amp none, or pass "
+                    "--train.nonfinite=skip to skip such steps (a run's last checkpoint still holds finite weights)"
                 )
-            self.skipped_steps += 1
+            self.skipped_by_block[k] += 1
             self.optimizers[k].zero_grad(set_to_none=True)
-            return
+            return loss
         self.optimizers[k].step()
         self.optimizers[k].zero_grad(set_to_none=True)  # frees block k's gradients before block k+1 runs
         self.method.after_step(k)
+        return loss
 
     def _finite(self, k: int, loss: Tensor) -> bool:
         """Block k's loss and the norm of its gradients are finite (one host sync)."""
@@ -348,7 +382,7 @@ class LocalLearner:
     def evaluate(self, batches: Iterable) -> dict:
         """Test accuracy and per-block auxiliary accuracies over ``batches``: a ``DataLoader`` of ``(x, y)`` pairs,
         or any iterable of pairs or :class:`Batch` objects."""
-        return engine.evaluate(self, (as_batch(b, self.device) for b in batches))
+        return engine.evaluate(self, (as_batch(b, self.device) for b in batches), reduce=self.eval_reduce)
 
     # -- reporting and state -------------------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:
@@ -370,7 +404,7 @@ class LocalLearner:
             "method": self.method.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
-            "skipped_steps": self.skipped_steps,
+            "skipped_by_block": list(self.skipped_by_block),
             "bounds": list(self.bounds),
             "input_shape": list(self.input_shape),
         }
@@ -405,4 +439,7 @@ class LocalLearner:
                 "and classes"
             ) from None
         self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))  # absent from checkpoints written before it existed
+        skipped = state.get("skipped_by_block")
+        if skipped is None:  # checkpoints of earlier versions held one total ("skipped_steps"), or nothing
+            skipped = [int(state.get("skipped_steps", 0))] + [0] * (len(self.blocks) - 1)
+        self.skipped_by_block = [int(n) for n in skipped]

@@ -25,7 +25,7 @@ from locallearn.allocator import set_mmap_threshold
 from locallearn.config import RunConfig, dump_yaml
 from locallearn.data import build_data
 from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, check_keep, resolve_resume
-from locallearn.errors import CheckpointError, Preempted, UserError
+from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
 from locallearn.learner import LocalLearner
 from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
 from locallearn.models import create_model
@@ -59,7 +59,8 @@ def git_commit() -> str | None:
     return _CODE_COMMIT
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig, create: bool = True) -> Path:
+    """The run directory, checked (and made, with ``create``; only rank 0 makes it in a distributed run)."""
     k = cfg.resolved_k()
     arch = cfg.model.arch.replace(":", "-")  # torchvision:resnet18 → torchvision-resnet18 (no ':' in paths)
     out = Path(cfg.train.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.train.method}-{arch}-K{k}")
@@ -70,7 +71,8 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             f"--out {out} already holds files: choose a new directory, pass --resume auto to continue the run in it, "
             "or --overwrite"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -106,7 +108,7 @@ def build_learner(
 RESUMABLE_DIFFERENCES = {
     "train.resume", "train.out", "train.overwrite", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.device", "train.malloc_mmap_threshold", "data.data_dir", "data.workers",
-    "data.download",
+    "data.download", "dist.timeout_s",
 }  # fmt: skip
 """Config fields a resumed run may change: where and how it runs, not what it computes."""
 
@@ -148,6 +150,8 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section), current.get(section)
+        if a is None and section == "dist":
+            continue  # written before the section existed: a single-process run
         if not isinstance(a, dict) or not isinstance(b, dict):
             if a != b:
                 diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")
@@ -159,10 +163,23 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
-def _checkpoint_state(cfg: RunConfig, learner: LocalLearner, progress: Progress) -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _checkpoint_state(
+    cfg: RunConfig, learner: LocalLearner, progress: Progress, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    rng = _rng_state()
     return {
         "format": 2,
         "config": cfg.to_dict(),
@@ -170,10 +187,11 @@ def _checkpoint_state(cfg: RunConfig, learner: LocalLearner, progress: Progress)
         "progress": dict(vars(progress)),
         "rng": rng,
         "versions": {"locallearn": __version__, "torch": str(torch.__version__), "git": git_commit()},
+        **(extra or {}),
     }
 
 
-def _restore(path: Path, cfg: RunConfig, learner: LocalLearner) -> Progress:
+def _restore(path: Path, cfg: RunConfig, learner: LocalLearner, runner=None) -> Progress:
     from locallearn.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -186,30 +204,104 @@ def _restore(path: Path, cfg: RunConfig, learner: LocalLearner) -> Progress:
             "or start a new run in another --out"
         )
     learner.load_state_dict(ckpt["learner"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    _set_rng_state(ckpt["rng"])
+    if runner is not None:
+        runner.restore(ckpt)
     return Progress(**ckpt["progress"])
 
 
-def _save(store, cfg: RunConfig, learner: LocalLearner, progress: Progress) -> None:
+def _save(store, cfg: RunConfig, learner: LocalLearner, progress: Progress, runner, pipeline=None) -> None:
+    """A complete checkpoint (a collective in a distributed run: every rank calls it, rank 0 writes)."""
+    extra = runner.checkpoint_extra(pipeline)
+    if not runner.writer:
+        return
     path = store.save(
-        _checkpoint_state(cfg, learner, progress),
+        _checkpoint_state(cfg, learner, progress, extra),
         learner.step,
         {"epoch": progress.epoch, "batch": progress.batch},
     )
     log.info("checkpoint: %s (step %d)", path, learner.step)
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """A collective or point-to-point message failed because a peer died or timed out (gloo and NCCL raise
+    ``RuntimeError`` or its ``DistError`` subclasses, with the transport's message)."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    markers = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "gloo", "NCCL")
+    return any(m in text for m in markers)
+
+
+def _parallel_mode(cfg: RunConfig) -> str:
+    from locallearn.distributed.context import launched
+
+    mode = cfg.dist.parallel
+    if mode not in ("auto", "none", "data", "pipeline"):
+        raise UserError(f"unknown --dist.parallel {mode!r}: use auto, none, data or pipeline")
+    if mode == "auto":
+        mode = "data" if launched() else "none"
+    if mode != "none" and not launched():
+        raise UserError(
+            f"--dist.parallel {mode} needs several processes: launch with `torchrun --nproc-per-node N -m locallearn "
+            "train ...` (N >= 2)"
+        )
+    return mode
+
+
+def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loader):
+    """The object that runs steps in ``mode`` (:mod:`locallearn.distributed.runtime`)."""
+    from locallearn.distributed import runtime
+
+    if mode == "none":
+        return runtime.Sequential(learner)
+    if mode == "data":
+        if cfg.dist.sync_bn:
+            from locallearn.distributed.data_parallel import convert_sync_batchnorm
+
+            convert_sync_batchnorm(learner, learner.device)
+        return runtime.DataParallelRun(learner, ctx)
+    from locallearn.distributed.context import broadcast_object
+    from locallearn.distributed.pipeline import balance, measure_block_seconds
+
+    starts = cfg.dist.stages
+    if starts is None:
+        if ctx.is_writer:  # time each block on the first batch (state restored after), then split by time
+            seconds = measure_block_seconds(learner, next(iter(train_loader)))
+            starts = balance(seconds, ctx.world)
+            log.info(
+                "pipeline: %d stages %s by measured seconds per block [%s]",
+                ctx.world,
+                [0, *starts],
+                " ".join(f"{t * 1e3:.1f}ms" for t in seconds),
+            )
+        starts = broadcast_object(starts)
+    return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness)
+
+
+def train(cfg: RunConfig) -> dict[str, Any] | None:
     """Run the configured training and return the summary (also written to ``<out>/summary.json``).
 
     Every ``train.checkpoint_every`` steps and at the end of each epoch a complete checkpoint goes to
     ``<out>/checkpoints/`` (:mod:`locallearn.durable`); ``train.resume`` ("auto" or a path) continues from one so that
     the run ends with the weights an uninterrupted run would have. SIGTERM, SIGINT and SIGUSR1 finish the current
     step, save and raise :class:`Preempted` (exit status 128 + the signal).
+
+    Under torchrun (``cfg.dist``, docs/distributed.md) every rank calls this; rank 0 writes and returns the summary,
+    the other ranks return None.
     """
     device = resolve_device(cfg.train.device)
+    mode = _parallel_mode(cfg)
+    ctx = None
+    if mode != "none":
+        from locallearn.distributed.context import init_from_env, quiet_unless_writer
+
+        ctx = init_from_env(device, cfg.dist.timeout_s)
+        device = ctx.device
+        quiet_unless_writer(ctx)
+    writer = ctx is None or ctx.is_writer
     if cfg.train.malloc_mmap_threshold is not None and not set_mmap_threshold(cfg.train.malloc_mmap_threshold):
         log.warning("malloc_mmap_threshold has no effect here: the C library is not glibc")
     if cfg.train.checkpoint_every < 0:
@@ -224,6 +316,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             f"the training set ({train_loader.num_examples} examples) is smaller than one batch of "
             f"{cfg.train.batch_size}: lower --batch-size or raise --limit-train"
         )
+    if mode == "data":
+        train_loader.shard(ctx.rank, ctx.world)
+        test_loader.shard(ctx.rank, ctx.world)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
@@ -235,22 +330,34 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             train_loader.num_examples,
             cfg.data.name,
         )
-    out = prepare_run_dir(cfg)
-    store = CheckpointStore(out, cfg.train.keep_checkpoints)
+    out = prepare_run_dir(cfg, create=writer)
+    if ctx is not None:
+        from locallearn.distributed.context import broadcast_object
+        from locallearn.distributed.runtime import barrier
+
+        barrier()  # every rank has checked --out before rank 0 writes into it
+    store = CheckpointStore(out, cfg.train.keep_checkpoints) if writer else None
+    executor = _make_executor(mode, cfg, learner, ctx, train_loader)
     progress = Progress()
-    resume_from = resolve_resume(cfg.train.resume, out, log) if cfg.train.resume else None
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = resolve_resume(cfg.train.resume, out, log) if writer else None
+        if ctx is not None:
+            resume_from = broadcast_object(resume_from)  # rank 0 chose (and logged why); every rank loads it
     if resume_from is not None:
-        progress = _restore(resume_from, cfg, learner)
+        progress = _restore(resume_from, cfg, learner, executor)
         log.info("resumed at step %d (epoch %d, batch %d)", learner.step, progress.epoch + 1, progress.batch)
-    dump_yaml(cfg, out / "config.yaml")
+    if writer:
+        dump_yaml(cfg, out / "config.yaml")
     log.info(
-        "run %s: %s on %s, %s, K=%d on %s",
+        "run %s: %s on %s, %s, K=%d on %s%s",
         out,
         cfg.train.method,
         cfg.model.arch,
         cfg.data.name,
         len(learner.blocks),
         device,
+        "" if ctx is None else f", {mode}-parallel over {ctx.world} processes ({ctx.backend})",
     )
     for line in learner.describe():
         log.info("  %s", line)
@@ -261,19 +368,43 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     memory = MemoryReport(device)
     signals = _Signals(["SIGTERM", "SIGINT"] + (["SIGUSR1"] if cfg.train.stop_on_sigusr1 else []))
     try:
-        while progress.epoch < cfg.train.epochs and learner.step < total_steps:
-            with memory.window("train"):
-                _train_epoch(learner, train_loader, progress, total_steps, cfg, store, signals)
-            if progress.batch < steps_per_epoch:
-                break  # max_steps reached inside the epoch: that partial epoch is evaluated below
-            _end_epoch(learner, test_loader, progress, memory, cfg, out, store)
-        if progress.batch > 0:  # a run cut short by max_steps mid-epoch still reports that partial epoch
-            _end_epoch(learner, test_loader, progress, memory, cfg, out, store)
+        if mode == "pipeline" and not writer:
+            signum = executor.serve()  # stages > 0 follow rank 0's commands until it stops them
+            if signum:
+                raise Preempted(f"{signal.Signals(signum).name} received: stopped with the pipeline", signum)
+            return None
+        finished = False
+        try:
+            while progress.epoch < cfg.train.epochs and learner.step < total_steps:
+                with memory.window("train"):
+                    _train_epoch(learner, train_loader, progress, total_steps, cfg, store, signals, executor)
+                if progress.batch < steps_per_epoch:
+                    break  # max_steps reached inside the epoch: that partial epoch is evaluated below
+                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor)
+            if progress.batch > 0:  # a run cut short by max_steps mid-epoch still reports that partial epoch
+                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor)
+            finished = True
+        except Preempted as err:
+            executor.finish(err.exit_code - 128)
+            raise
+        if finished:
+            executor.finish(0)
+    except RuntimeError as err:
+        if ctx is None or not _is_peer_failure(err):
+            raise
+        raise PeerFailed(
+            f"rank {ctx.rank}: another process of the run failed or did not answer within --dist.timeout_s="
+            f"{cfg.dist.timeout_s:g} s ({' '.join(str(err).split())[:200]}); the other ranks' logs say which and why. "
+            f"Checkpoints already in {out / 'checkpoints'} are complete: fix the cause and rerun with --resume auto"
+        ) from None
     finally:
         signals.restore()
     _, peak_kind = peak_memory(device)
     log.info("memory: %s", memory.describe())
     history = progress.history
+    extra = executor.summary_extra()  # a collective under data parallelism (fingerprints of every rank)
+    if not writer:
+        return None
     summary = {
         "method": cfg.train.method,
         "arch": cfg.model.arch,
@@ -295,10 +426,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
         "seed": cfg.train.seed,
         "git_commit": git_commit(),
         "resumed_from": None if resume_from is None else str(resume_from),
         "skipped_nonfinite_steps": learner.skipped_steps,
+        "parallel": "none",
+        **extra,
         "fingerprint": fingerprint(learner.model),
         "out": str(out),
     }
@@ -311,17 +445,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
-def _train_epoch(learner, loader, progress: Progress, total_steps: int, cfg: RunConfig, store, signals) -> None:
+def _train_epoch(
+    learner, loader, progress: Progress, total_steps: int, cfg: RunConfig, store, signals, executor
+) -> None:
     """Train the rest of ``progress.epoch`` (from batch ``progress.batch``), checkpointing on the way."""
     loader.set_epoch(progress.epoch, start_batch=progress.batch)
     means = RunningMeans()
     means.sums, means.count = dict(progress.epoch_sums), progress.epoch_count
-    last_key = f"loss/{len(learner.blocks) - 1}"
     left = min(len(loader) - progress.batch, total_steps - learner.step)
     bar = tqdm(
         total=left,
         desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
-        disable=not cfg.train.progress,
+        disable=not cfg.train.progress or not executor.writer,
         leave=False,
         dynamic_ncols=True,
     )
@@ -336,28 +471,41 @@ def _train_epoch(learner, loader, progress: Progress, total_steps: int, cfg: Run
     for done, batch in enumerate(loader, start=1):
         if done > left:
             break
-        stats = learner.train_step(batch)
+        stats = executor.train_step(batch)
         means.update(stats)
         progress.batch += 1
-        progress.epoch_seen += batch.y.numel()
+        progress.epoch_seen += batch.y.numel() * executor.images_factor
         bar.update(1)
         if done % 20 == 1 or done == left:
+            shown = max(stats, key=lambda key: (key.startswith("loss/"), int(key.split("/")[1])))
             rate = progress.epoch_seen / max(progress.epoch_seconds + time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{means.sums[last_key].item() / means.count:.3f}", img_s=f"{rate:.0f}")
-        stop = signals.received is not None
-        if (every and learner.step % every == 0 and progress.batch < len(loader)) or stop:
+            bar.set_postfix(loss=f"{means.sums[shown].item() / means.count:.3f}", img_s=f"{rate:.0f}")
+        received = executor.agree_stop(signals.received)  # under data parallelism every rank stops at one step
+        if (every and learner.step % every == 0 and progress.batch < len(loader)) or received:
+            _add_sums(means.sums, executor.collect())
             bank()
-            _save(store, cfg, learner, progress)
+            _save(store, cfg, learner, progress, executor, executor.last_pipeline)
             start = time.perf_counter()  # the save's time is not training time
-        if stop:
-            name = signal.Signals(signals.received).name
+        if received:
+            name = signal.Signals(received).name
             raise Preempted(
-                f"{name} received: stopped after step {learner.step} and saved a checkpoint in {store.dir}; "
+                f"{name} received: stopped after step {learner.step} and saved a checkpoint in {out_dir(store, cfg)}; "
                 "run the same command with --resume auto to continue",
-                signals.received,
+                received,
             )
     bar.close()
     bank()
+
+
+def out_dir(store, cfg: RunConfig) -> str:
+    return str(store.dir) if store is not None else str(Path(cfg.train.out or ".") / "checkpoints")
+
+
+def _add_sums(sums: dict[str, torch.Tensor], collected) -> None:
+    """Add the statistics other pipeline stages sent with their state (``executor.collect()``) to ``sums``."""
+    extra, _ = collected
+    for key, value in extra.items():
+        sums[key] = sums[key] + value if key in sums else value.clone()
 
 
 def _sync(learner: LocalLearner) -> None:
@@ -365,10 +513,11 @@ def _sync(learner: LocalLearner) -> None:
         torch.cuda.synchronize(learner.device)
 
 
-def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig, out: Path, store) -> None:
+def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig, out: Path, store, executor) -> None:
     """Evaluate, append the epoch's row to ``metrics.jsonl`` and checkpoint the epoch's end."""
     with memory.window("eval"):
-        report = learner.evaluate(test_loader)
+        report = executor.evaluate(test_loader)
+    _add_sums(progress.epoch_sums, executor.collect())
     means = RunningMeans()
     means.sums, means.count = progress.epoch_sums, progress.epoch_count
     train_stats = means.means()
@@ -387,7 +536,8 @@ def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig,
     progress.train_seconds += seconds
     progress.epoch, progress.batch = progress.epoch + 1, 0
     progress.epoch_seen, progress.epoch_seconds, progress.epoch_sums, progress.epoch_count = 0, 0.0, {}, 0
-    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
+    if executor.writer:
+        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
     blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
     log.info(
         "epoch %d/%d step %d  train loss %.4f  test acc %.4f  blocks [%s]  %.0f img/s",
@@ -399,4 +549,4 @@ def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig,
         blocks,
         row["images_per_second"],
     )
-    _save(store, cfg, learner, progress)
+    _save(store, cfg, learner, progress, executor, executor.last_pipeline)

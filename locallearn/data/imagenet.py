@@ -69,6 +69,30 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return itertools.islice(zip(self.base, seeds), self.skip, None)
 
 
+class ShardedBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of ``sampler``'s keys, each cut to rank ``rank``'s part (``tensor_split`` of the whole batch, as
+    :meth:`InMemoryLoader.shard`); with ``world`` 1 these are the plain batches."""
+
+    def __init__(self, sampler: SeededSampler, batch_size: int, drop_last: bool) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.rank, self.world = 0, 1
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        keys = iter(self.sampler)
+        for _ in range(len(self) - self.sampler.skip // self.batch_size):
+            batch = list(itertools.islice(keys, self.batch_size))
+            if not batch or (self.drop_last and len(batch) < self.batch_size):
+                return
+            if self.world > 1:
+                bounds = torch.arange(len(batch)).tensor_split(self.world)[self.rank].tolist()
+                batch = [batch[j] for j in bounds]
+            yield batch
+
+
 class SeededItems(Dataset):
     """Look up ``base[index]`` with the CPU RNG seeded from the key ``(index, seed)`` of :class:`SeededSampler`.
 
@@ -128,13 +152,14 @@ class FolderLoader:
         self.epoch = 0
         self.generator = torch.Generator()
         base = RandomSampler(dataset, generator=self.generator) if train else SequentialSampler(dataset)
+        self.batches = ShardedBatches(
+            SeededSampler(base, self.generator), batch_size, train if drop_last is None else drop_last
+        )
         self.loader = DataLoader(
             SeededItems(dataset),
-            batch_size=batch_size,
-            sampler=SeededSampler(base, self.generator),
+            batch_sampler=self.batches,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=train if drop_last is None else drop_last,
             persistent_workers=workers > 0,
             # Worker seeds (torch, random) come from this generator; augmentation does not depend on them (the
             # per-example seeds do that), but seeding it keeps any other randomness in a worker reproducible.
@@ -155,11 +180,21 @@ class FolderLoader:
         """Select the epoch whose order and augmentation the next iterations produce, from batch ``start_batch`` on
         (a run resumed mid-epoch: the batches are those of an uninterrupted pass, the first ones left out)."""
         self.epoch = epoch
-        self.loader.sampler.skip = start_batch * self.batch_size
+        self.batches.sampler.skip = start_batch * self.batch_size
+
+    def shard(self, rank: int, world: int) -> None:
+        """Yield only rank ``rank``'s part of every batch (data-parallel training; see
+        :meth:`InMemoryLoader.shard`)."""
+        if self.train and self.batch_size % world:
+            raise UserError(
+                f"--batch-size {self.batch_size} is the global batch and must split evenly over {world} processes: "
+                f"use a multiple of {world}"
+            )
+        self.batches.rank, self.batches.world = rank, world
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
-        return len(self.loader)
+        return len(self.batches)
 
     def normalize(self, raw: Tensor) -> Tensor:
         """``(raw - mean) / std`` with this loader's constants, in ``raw``'s dtype."""

@@ -124,6 +124,7 @@ class InMemoryLoader:
         self.mean, self.std = normalization_tensors(info, self.device, self.compute_dtype)
         self.epoch = 0
         self.start_batch = 0
+        self.rank, self.world = 0, 1
         if train and len(self) == 0:
             raise UserError(
                 f"the training set has {len(images)} examples, fewer than one batch of {batch_size}: "
@@ -139,6 +140,17 @@ class InMemoryLoader:
         """Select the epoch whose order and augmentation the next iterations produce, from batch ``start_batch`` on
         (a run resumed mid-epoch: the batches are those of an uninterrupted pass, the first ones left out)."""
         self.epoch, self.start_batch = epoch, start_batch
+
+    def shard(self, rank: int, world: int) -> None:
+        """Yield only rank ``rank``'s part of every batch: ``torch.tensor_split(batch, world)[rank]`` of the batch a
+        single process would see (data-parallel training). Training needs a batch size divisible by ``world``, so
+        every rank trains on as many examples; evaluation batches may split unevenly (counts are summed)."""
+        if self.train and self.batch_size % world:
+            raise UserError(
+                f"--batch-size {self.batch_size} is the global batch and must split evenly over {world} processes: "
+                f"use a multiple of {world}"
+            )
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -168,11 +180,14 @@ class InMemoryLoader:
         else:
             order = torch.arange(n, device=self.device)
         for i in range(self.start_batch, len(self)):
-            idx = order[i * bs : (i + 1) * bs]
+            positions = torch.arange(i * bs, min((i + 1) * bs, n))
+            if self.world > 1:
+                positions = positions.tensor_split(self.world)[self.rank]
+            idx = order[positions.to(order.device)]
             images = self.images[idx]
             if self.augment:
-                sl = slice(i * bs, i * bs + len(idx))
-                images = crop_flip(images, offsets[0, sl], offsets[1, sl], flips[sl], p, self.info.pad_mode)
+                pos = positions.to(self.device)
+                images = crop_flip(images, offsets[0, pos], offsets[1, pos], flips[pos], p, self.info.pad_mode)
             raw = images.to(self.compute_dtype).div_(255).clamp_(0, 1)
             x = self.normalize(raw)
             yield Batch(x=x.to(self.dtype), y=self.labels[idx], raw=raw.to(self.dtype))

@@ -102,6 +102,7 @@ class LocalMethod(nn.Module):
     config_class: type[MethodConfig] = MethodConfig
     recompute_aux: bool = False  # set by LocalLearner(checkpointing="aux"): see aux_segment
     aux_summary: str | None = None  # one line for the run log on what build_aux chose (and why), if anything
+    uses_raw: bool = False  # its losses read ``batch.raw`` (the [0, 1] images): a pipeline stage then sends them on
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()
@@ -153,6 +154,30 @@ class LocalMethod(nn.Module):
 
     def after_step(self, k: int) -> None:
         """Called after block k's optimizer step (MAN's EMA update lives here)."""
+
+    # -- what crosses a block boundary (pipelining) ----------------------------------------------------------------
+    def downstream_reads(self) -> dict[int, nn.Module]:
+        """Modules of block k+1 whose live parameters block k's auxiliary state reads, by k (MAN: the first layer of
+        block k+1). Empty for methods whose block k reads nothing of block k+1 (DGL, InfoPro, AugLocal).
+
+        When block k+1 trains in another process (:mod:`locallearn.distributed.pipeline`), that process sends the
+        module's parameters upstream after each of its steps; block k's process copies them into its own replica of
+        the module and calls :meth:`downstream_stepped` (k), exactly as the sequential engine would."""
+        return {}
+
+    def downstream_stepped(self, k: int) -> None:
+        """Block k+1 has just taken an optimizer step (its live parameters changed); block k may update what it keeps
+        of them. Called by ``after_step(k + 1)``'s owner, or by a pipeline stage receiving block k+1's parameters."""
+
+    def block_state(self, k: int) -> list[nn.Module | nn.Parameter]:
+        """The modules and parameters whose state belongs to block k's auxiliary net (trainable or not): element k of
+        every per-block ``ModuleList``/``ParameterList`` child. A pipeline stage sends these, with its blocks, to
+        rank 0 for checkpoints and the final model; a method keeping per-block state elsewhere overrides this."""
+        owned: list[nn.Module | nn.Parameter] = []
+        for child in self.children():
+            if isinstance(child, (nn.ModuleList, nn.ParameterList)) and k < len(child):
+                owned.append(child[k])
+        return owned
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -134,6 +134,7 @@ def ramp_positions(cfg: InfoProConfig, info: SetupInfo) -> list[float]:
 @register_method("infopro")
 class InfoPro(LocalMethod):
     config_class = InfoProConfig
+    uses_raw = True  # the decoder reconstructs the [0, 1] images
     config: InfoProConfig
 
     def build_aux(self, info: SetupInfo) -> None:

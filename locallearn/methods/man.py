@@ -109,9 +109,17 @@ class MomentumAuxiliary:
         torch._foreach_lerp_(ema, live, 1.0 - self.config.ema_momentum)
 
     def after_step(self, k: int) -> None:
-        target = k - 1 if self.config.ema_timing == "after_next_step" else k
-        if 0 <= target < len(self.ema):
-            self.update_ema(target)
+        if self.config.ema_timing == "after_next_step":
+            self.downstream_stepped(k - 1)  # block k stepped: EMA_{k-1} follows its first layer
+        elif k < len(self.ema):
+            self.update_ema(k)  # the released code's lag: EMA_k from block k+1's layer before block k+1 steps
+
+    def downstream_reads(self) -> dict[int, nn.Module]:
+        return dict(enumerate(self._live))
+
+    def downstream_stepped(self, k: int) -> None:
+        if self.config.ema_timing == "after_next_step" and 0 <= k < len(self.ema):
+            self.update_ema(k)
 
 
 @dataclass

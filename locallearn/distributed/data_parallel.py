@@ -1,0 +1,163 @@
+"""Data-parallel local learning: every rank holds all K blocks and trains them on its shard of each batch.
+
+Why not ``DistributedDataParallel``: DDP reduces gradients in hooks fired by one ``backward()`` over the whole model
+and expects every forward to go through its wrapper. Local learning runs K backward passes and K optimizer steps per
+batch, one per block, and block k's auxiliary net is called by the method, not by the block. Wrapping each block with
+its auxiliary net in its own DDP would need the method's forward to go through each wrapper; reducing by hand is
+shorter and lets the guard see reduced values. So block k's gradients are averaged right after block k's own
+backward, in one flat all-reduce per block and dtype (the bucket DDP would make), with block k's loss in the same
+message: :meth:`LocalLearner.step_block` calls :meth:`DataParallel.sync_gradients` before the non-finite guard, so
+every rank sees the same averaged loss and gradients and steps or skips alike.
+
+What is identical on every rank after every step:
+
+* parameters (same start: rank 0's weights are broadcast when wrapping; same averaged gradients, same optimizer);
+* MAN's EMA copies (updated from identical parameters, by the same arithmetic);
+* buffers (BatchNorm running statistics): each rank normalises with its own shard's batch statistics, as DDP does,
+  and rank 0's buffers are broadcast after every step (DDP's ``broadcast_buffers=True``). ``sync_bn`` (CUDA only:
+  torch's ``SyncBatchNorm`` runs on GPUs) makes the batch statistics global instead.
+
+What differs from one process training on the whole batch: the BatchNorm batch statistics (per shard, unless
+``sync_bn``) and the order of floating-point sums. ``--batch-size`` is the global batch: each of N ranks trains on
+B/N examples of the same seeded batch a single process would train on, so the schedule, the step count and the
+checkpoints are those of a single-process run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from locallearn.distributed.context import DistContext
+from locallearn.errors import UserError
+
+
+def _flat_reduce(tensors: list[Tensor], world: int) -> None:
+    """Average ``tensors`` across ranks in place: one all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat.div_(world)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view(t.shape))
+            offset += n
+
+
+def _flat_broadcast(tensors: list[Tensor], src: int = 0) -> None:
+    """``tensors`` of rank ``src`` on every rank, in place: one broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view(t.shape))
+            offset += n
+
+
+def convert_sync_batchnorm(learner: Any, device: torch.device) -> None:
+    """Replace every BatchNorm of the blocks and auxiliary nets by ``nn.SyncBatchNorm`` (same parameters and
+    buffers, so the optimizers still hold them). CUDA only: torch's SyncBatchNorm refuses CPU tensors."""
+    if device.type != "cuda":
+        raise UserError(
+            "--dist.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); on CPU leave it off: each rank "
+            "normalises with its shard's statistics and rank 0's running statistics are broadcast every step"
+        )
+    learner.blocks = [nn.SyncBatchNorm.convert_sync_batchnorm(block) for block in learner.blocks]
+    for name, child in list(learner.method.named_children()):
+        setattr(learner.method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
+class DataParallel:
+    """Make ``learner`` train data-parallel over the process group of ``ctx``.
+
+    Sets the learner's ``grad_sync`` (gradients and loss of block k averaged before its step) and ``eval_reduce``
+    (evaluation counts summed), and broadcasts rank 0's parameters and buffers so every rank starts alike.
+    Call :meth:`train_step` instead of ``learner.train_step``: it also broadcasts the buffers after the step.
+
+    Example (under ``torchrun --nproc-per-node 2``)::
+
+        ctx = init_from_env(torch.device("cpu"))
+        dp = DataParallel(LocalLearner(model, "dgl", 4, input_shape=(3, 32, 32)), ctx)
+        for x, y in my_sharded_loader:  # each rank its own examples
+            dp.train_step(x, y)
+    """
+
+    def __init__(self, learner: Any, ctx: DistContext) -> None:
+        if not learner.built:
+            raise UserError("DataParallel needs a built learner: pass input_shape=(C, H, W) to LocalLearner")
+        self.learner, self.ctx = learner, ctx
+        learner.grad_sync = self.sync_gradients
+        learner.eval_reduce = self.sum_counts
+        learner.where = f" on rank {ctx.rank}"
+        self.broadcast_state()
+
+    def _state_tensors(self, buffers_only: bool = False) -> list[Tensor]:
+        modules = (self.learner.model, self.learner.method)
+        out = [b for m in modules for b in m.buffers()]
+        if not buffers_only:
+            out = [p.data for m in modules for p in m.parameters()] + out
+        seen, unique = set(), []
+        for t in out:  # shared tensors (tied weights) once
+            if id(t) not in seen:
+                seen.add(id(t))
+                unique.append(t)
+        return unique
+
+    @torch.no_grad()
+    def broadcast_state(self) -> None:
+        """Rank 0's parameters and buffers on every rank."""
+        _flat_broadcast(self._state_tensors())
+
+    @torch.no_grad()
+    def sync_gradients(self, k: int, optimizer: torch.optim.Optimizer, loss: Tensor | None) -> Tensor | None:
+        """Average block k's gradients (and its loss) over the ranks, in place; returns the averaged loss.
+
+        Every rank must hold gradients for the same parameters (the same model on the same code path does); a
+        parameter without a gradient on every rank is left without one."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        extra = [] if loss is None else [loss.detach().float().reshape(1).clone()]
+        _flat_reduce(grads + extra, self.ctx.world)
+        return extra[0].reshape(()) if extra else None
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Rank 0's floating buffers (BatchNorm running statistics) on every rank, as DDP's ``broadcast_buffers``."""
+        floating = [b for b in self._state_tensors(buffers_only=True) if b.is_floating_point()]
+        if floating:
+            _flat_broadcast(floating)
+
+    def sum_counts(self, sums: Tensor) -> None:
+        dist.all_reduce(sums)
+
+    def train_step(self, x, y=None, **kwargs) -> dict[str, Tensor]:
+        """``learner.train_step`` on this rank's shard, gradients averaged block by block, then the buffers synced."""
+        stats = self.learner.train_step(x, y, **kwargs)
+        self.sync_buffers()
+        return stats
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        """The signal any rank received (the largest number), or None: every rank stops at the same step."""
+        flag = torch.tensor([signum or 0], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        value = int(flag.item())
+        return value or None
+
+
+def gather_to_writer(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, …]`` on rank 0, None on the others."""
+    out = [None] * ctx.world if ctx.is_writer else None
+    dist.gather_object(obj, out, dst=0)
+    return out

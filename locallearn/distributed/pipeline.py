@@ -1,0 +1,455 @@
+"""Pipelined local learning: the K blocks in S contiguous stages, one process each, all working at once.
+
+Stage s trains blocks ``starts[s] .. starts[s+1]-1``. For micro-batch t it receives the detached output of stage
+s−1 with the labels (and, for reconstruction losses, the [0, 1] images), runs its blocks with their local losses and
+optimizer steps (:meth:`LocalLearner.train_blocks`), and sends its own output on to stage s+1. No gradient and no
+backward message crosses a stage, so while stage s+1 trains on micro-batch t, stage s already trains on t+1: the
+"update unlocking" of local learning, which ``torch.distributed.pipelining`` and DeepSpeed's pipeline (one loss at
+the last stage, gradients sent back) cannot express. Messages are ``torch.distributed`` point-to-point sends.
+
+Exact by design. In the sequential engine (per-block step order) block k steps on micro-batch t before block k+1
+sees micro-batch t, and block k+1's input is detached, so block k+1's result depends only on block k's output —
+exactly what it receives here. Every process builds the whole learner from the same seed, so the blocks start with
+the same weights; each stage's learner counts its own steps, so the schedule is the same. For every method whose
+block k reads nothing of block k+1 (DGL, InfoPro, AugLocal) the pipeline therefore ends with bit-for-bit the weights
+of a single process with the same seed, data order and thread count (tested).
+
+MAN and MAN++: the EMA copy of block k follows block k+1's first layer (``method.downstream_reads``). When block k+1
+lives on the next stage, that stage sends the layer's parameters upstream after each of its steps (a message of one
+layer's size); stage s copies version v (the parameters after step v) into its own replica of the layer and calls
+``method.downstream_stepped(k)``, applying versions in order. ``staleness`` = d: before its step t stage s needs
+versions up to t−1−d. With d = 0 that is exactly what the sequential engine has applied by then, so the result is
+sequential MAN's (tested). The version is sent right after block k+1's own step (the first of its stage) and
+applied right before block k runs (the last of its stage), so with d = 0 only block k waits for block k+1 of the
+micro-batch before: a step takes at least max(stage s, stage s+1, block k + block k+1). With d ≥ 1 block k's EMA
+lags d more steps behind block k+1 (with m = 0.995 its time constant is ~200 steps) and no stage waits for the next.
+
+Checkpoints: stage 0 (rank 0) drives. At a checkpoint it sends a ``GATHER`` command down the pipeline; each stage,
+having finished every micro-batch before it, sends the state of its blocks and auxiliary nets, its optimizers, RNG
+state, the not yet applied parameter versions and its statistics to rank 0, which writes one checkpoint of the same
+format as a single-process run (plus each stage's pipeline state, so a pipelined resume is exact).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from locallearn.data import Batch
+from locallearn.distributed.context import DistContext
+from locallearn.engine import eval_blocks, eval_sums
+from locallearn.errors import UserError
+
+TRAIN, EVAL, EVAL_END, GATHER, STOP = 1, 2, 3, 4, 5
+HEADER = 12  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT = 1, 2, 3, 4, 5
+MAX_IN_FLIGHT = 2  # micro-batches a stage may run ahead of the next one (bounds the memory of unsent outputs)
+
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """First block of stages 1 .. S−1 for contiguous stages minimising the largest stage cost (exact, by dynamic
+    programming over the K blocks)."""
+    k = len(costs)
+    if not 1 <= stages <= k:
+        raise UserError(f"{stages} pipeline stages need at least as many blocks, the run has K={k}: raise --K")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (k + 1) for _ in range(stages + 1)]  # best[s][i]: blocks 0..i-1 in s stages
+    cut = [[0] * (k + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, k + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    starts, i = [], k
+    for s in range(stages, 1, -1):
+        i = cut[s][i]
+        starts.append(i)
+    return sorted(starts)
+
+
+def measure_block_seconds(learner: Any, batch: Batch, steps: int = 2) -> list[float]:
+    """Seconds of one training step of each block (forward, local loss, backward, optimizer) on ``batch``, the mean
+    over ``steps`` after one warm-up step. The learner's whole state is restored afterwards, so measuring changes
+    no result."""
+    import copy
+
+    saved = copy.deepcopy(learner.state_dict())
+    seconds = [0.0] * len(learner.blocks)
+    for step in range(steps + 1):
+        h = batch.x
+        for k in range(len(learner.blocks)):
+            start = time.perf_counter()
+            _, h = learner.train_blocks(batch, h, range(k, k + 1))
+            if learner.device.type == "cuda":
+                torch.cuda.synchronize(learner.device)
+            if step:
+                seconds[k] += (time.perf_counter() - start) / steps
+        # train_blocks advanced the step counter once per block; the restore below resets it
+    learner.load_state_dict(saved)
+    return seconds
+
+
+def stage_state_keys(learner: Any, blocks: range) -> tuple[list[str], list[str]]:
+    """The keys of ``learner.model.state_dict()`` and ``learner.method.state_dict()`` that belong to ``blocks``: the
+    blocks' own parameters and buffers, and their auxiliary nets' (``method.block_state``). Over all stages every
+    key belongs to exactly one (tested for every method), so the stages' parts make the whole state."""
+    owned: set[int] = set()
+    for b in blocks:
+        owned.update(id(t) for t in (*learner.blocks[b].parameters(), *learner.blocks[b].buffers()))
+        for item in learner.method.block_state(b):
+            if isinstance(item, torch.nn.Parameter):
+                owned.add(id(item))
+            else:
+                owned.update(id(t) for t in (*item.parameters(), *item.buffers()))
+
+    def keys(module: torch.nn.Module) -> list[str]:
+        return [name for name, t in module.state_dict(keep_vars=True).items() if id(t) in owned]
+
+    return keys(learner.model), keys(learner.method)
+
+
+class PipelineStage:
+    """This process's stage of a pipelined learner: blocks ``starts[rank] .. starts[rank+1]-1``.
+
+    Args:
+        learner: the whole learner, built identically on every rank (same seed).
+        ctx: the process group; the rank is the stage.
+        starts: the first block of stages 1 .. S−1 (S = world size).
+        staleness: d, see the module docstring (0: exactly sequential MAN).
+    """
+
+    def __init__(self, learner: Any, ctx: DistContext, starts: list[int], staleness: int = 0) -> None:
+        k, world = len(learner.blocks), ctx.world
+        bounds = [0, *starts, k]
+        if len(starts) != world - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise UserError(
+                f"pipeline stages {starts} do not cut K={k} blocks into {world} non-empty stages: give {world - 1} "
+                f"increasing first-block indices in 1..{k - 1} (--dist.stages), or leave it unset to balance by time"
+            )
+        if staleness < 0:
+            raise UserError(f"--dist.staleness must be >= 0 steps, got {staleness}")
+        if learner.step_order != "per_block":
+            raise UserError(
+                "pipelined training needs --step-order per_block (a stage steps its blocks before the next stage sees "
+                "the micro-batch; after_all would make block k wait for block K-1)"
+            )
+        self.learner, self.ctx, self.staleness = learner, ctx, staleness
+        self.stage, self.stages = ctx.rank, world
+        self.starts = bounds
+        self.blocks = range(bounds[self.stage], bounds[self.stage + 1])
+        learner.where = f" on pipeline stage {self.stage} (rank {ctx.rank})"
+        reads = learner.method.downstream_reads()
+        first, last = self.blocks.start, self.blocks.stop - 1
+        # the layer of my first block that the stage before reads (I send it), and my replica of the next stage's
+        self.source = reads.get(first - 1) if self.stage > 0 else None
+        self.reader = last if self.stage < world - 1 and last in reads else None
+        self.replica = reads[last] if self.reader is not None else None
+        self.applied = learner.step - 1  # versions (parameters after step v) applied to the replica: 0 .. applied
+        self.pending: list[Tensor] = []  # versions received but not yet applied, in order
+        self.sends: list[tuple[list[dist.Work], list[Tensor]]] = []
+        self.snapshot_sends: list[tuple[dist.Work, Tensor]] = []
+        self.sums: dict[str, Tensor] = {}  # statistics since the last gather (stages > 0)
+        self.count = 0
+        self.model_keys, self.method_keys = stage_state_keys(learner, self.blocks)
+        self.prev, self.next = self.stage - 1, self.stage + 1
+
+    # -- messages ----------------------------------------------------------------------------------------------------
+    def _send(self, command: int, arg: int = 0, h: Tensor | None = None, y: Tensor | None = None, raw=None) -> None:
+        if self.stage == self.stages - 1:
+            return
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0], header[1] = command, arg
+        tensors: list[tuple[Tensor, int]] = []
+        if h is not None:
+            nhwc = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+            wire = h.permute(0, 2, 3, 1) if nhwc else h.contiguous()  # NHWC storage sent as it lies
+            header[2], header[3] = DTYPES.index(h.dtype), int(nhwc)
+            header[4], header[5] = int(raw is not None), h.dim()
+            header[6 : 6 + h.dim()] = torch.tensor(h.shape)
+            tensors = [(wire, TAG_H), (y.contiguous(), TAG_Y)]
+            if raw is not None:
+                tensors.append((raw.float().contiguous(), TAG_RAW))
+        header = header.to(self._wire_device)
+        works = [dist.isend(header, self.next, tag=TAG_HEADER)]
+        works += [dist.isend(t, self.next, tag=tag) for t, tag in tensors]
+        self.sends.append((works, [header, *(t for t, _ in tensors)]))
+        while len(self.sends) > MAX_IN_FLIGHT:  # back-pressure: never more than that many micro-batches in flight
+            for work in self.sends.pop(0)[0]:
+                work.wait()
+
+    @property
+    def _wire_device(self) -> torch.device:
+        return self.learner.device if self.ctx.backend == "nccl" else torch.device("cpu")
+
+    def _recv(self) -> tuple[int, int, Tensor | None, Tensor | None, Tensor | None]:
+        header = torch.empty(HEADER, dtype=torch.int64, device=self._wire_device)
+        dist.recv(header, self.prev, tag=TAG_HEADER)
+        values = header.tolist()
+        command, arg = values[0], values[1]
+        if command not in (TRAIN, EVAL):
+            return command, arg, None, None, None
+        dtype, channels_last, has_raw, ndim = DTYPES[values[2]], bool(values[3]), bool(values[4]), values[5]
+        shape = values[6 : 6 + ndim]
+        device = self.learner.device
+        if channels_last:
+            n, c, hh, ww = shape
+            h = torch.empty(n, hh, ww, c, dtype=dtype, device=device)
+            dist.recv(h, self.prev, tag=TAG_H)
+            h = h.permute(0, 3, 1, 2)  # channels_last strides, as the sending block produced it
+        else:
+            h = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(h, self.prev, tag=TAG_H)
+        y = torch.empty(shape[0], dtype=torch.int64, device=device)
+        dist.recv(y, self.prev, tag=TAG_Y)
+        raw = None
+        if has_raw:
+            raw = torch.empty(shape[0], *self.learner.input_shape, dtype=torch.float32, device=device)
+            dist.recv(raw, self.prev, tag=TAG_RAW)
+        return command, arg, h, y, raw
+
+    def _flat_source(self) -> Tensor:
+        params = [p.detach().reshape(-1) for p in self.source.parameters()]
+        dtype = params[0].dtype
+        for p in params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        return torch.cat([p.to(dtype) for p in params])
+
+    def _send_snapshot(self) -> None:
+        """After a step: the parameters of my first layer, which the stage before me reads (MAN's EMA source)."""
+        if self.source is None:
+            return
+        flat = self._flat_source()
+        self.snapshot_sends.append((dist.isend(flat, self.prev, tag=TAG_SNAPSHOT), flat))
+        # completed sends are dropped; an incomplete one is never waited for here (the stage before may itself be
+        # waiting for my next output: waiting on its receive could deadlock)
+        self.snapshot_sends = [(w, t) for w, t in self.snapshot_sends if not w.is_completed()]
+
+    def _next_version(self) -> Tensor:
+        if self.pending:
+            return self.pending.pop(0)
+        flat = torch.empty(sum(p.numel() for p in self.replica.parameters()), device=self.learner.device)
+        flat = flat.to(next(self.replica.parameters()).dtype)
+        dist.recv(flat, self.next, tag=TAG_SNAPSHOT)
+        return flat
+
+    @torch.no_grad()
+    def _apply_versions(self, upto: int) -> None:
+        """Bring the replica of the next stage's layer to version ``upto``, one version at a time, each followed by
+        ``method.downstream_stepped`` (what the sequential engine does after each of that block's steps)."""
+        if self.replica is None:
+            return
+        while self.applied < upto:
+            flat, offset = self._next_version(), 0
+            for p in self.replica.parameters():
+                p.copy_(flat[offset : offset + p.numel()].view(p.shape))
+                offset += p.numel()
+            self.applied += 1
+            self.learner.method.downstream_stepped(self.reader)
+
+    def _receive_all_versions(self) -> None:
+        """Receive (not apply) every version the next stage has sent: all of steps 0 .. step−1."""
+        if self.replica is None:
+            return
+        while self.applied + len(self.pending) < self.learner.step - 1:
+            flat = torch.empty(sum(p.numel() for p in self.replica.parameters()), device=self.learner.device)
+            flat = flat.to(next(self.replica.parameters()).dtype)
+            dist.recv(flat, self.next, tag=TAG_SNAPSHOT)
+            self.pending.append(flat)
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def _before_block(self, k: int) -> None:
+        if k == self.reader:  # as late as possible: the blocks before it have run meanwhile
+            self._apply_versions(self.learner.step - 1 - self.staleness)
+
+    def _after_step(self, k: int) -> None:
+        if k == self.blocks.start:  # as early as possible: the stage before may be waiting for this version
+            self._send_snapshot()
+
+    def _train(self, batch: Batch, h: Tensor) -> dict[str, Tensor]:
+        stats, out = self.learner.train_blocks(batch, h, self.blocks, self._before_block, self._after_step)
+        self._send(TRAIN, self.learner.step, out, batch.y, batch.raw if self._needs_raw else None)
+        return stats
+
+    @property
+    def _needs_raw(self) -> bool:
+        return self.learner.method.uses_raw
+
+    def train_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Stage 0: train my blocks on ``batch`` and send their output on. Returns my blocks' statistics."""
+        learner = self.learner
+        learner.build(tuple(batch.x.shape[1:]))
+        if learner.channels_last and batch.x.dim() == 4:
+            batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
+        return self._train(batch, batch.x)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict:
+        """Stage 0: evaluate the whole pipeline (a plain forward pipeline); the accuracies of every block, summed
+        over the stages, on every rank."""
+        from locallearn.engine import eval_report
+
+        learner = self.learner
+        learner.model.eval()
+        learner.method.eval()
+        sums = eval_sums(learner)
+        for batch in batches:
+            x = batch.x.contiguous(memory_format=torch.channels_last) if learner.channels_last else batch.x
+            out = eval_blocks(learner, x, batch.y, self.blocks, sums)
+            self._send(EVAL, 0, out, batch.y)
+        self._send(EVAL_END)
+        learner.model.train()
+        learner.method.train()
+        dist.all_reduce(sums)
+        return eval_report(sums)
+
+    def serve(self) -> int:
+        """Stages > 0: follow stage 0's commands until ``STOP``; returns its argument (0, or the signal that stopped
+        the run)."""
+        learner = self.learner
+        sums = None
+        while True:
+            command, arg, h, y, raw = self._recv()
+            if command == TRAIN:
+                stats = self._train(Batch(h, y, raw), h)
+                for key, value in stats.items():
+                    self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+                self.count += 1
+            elif command == EVAL:
+                if sums is None:
+                    learner.model.eval()
+                    learner.method.eval()
+                    sums = eval_sums(learner)
+                out = eval_blocks(learner, h, y, self.blocks, sums)
+                self._send(EVAL, 0, out, y)
+            elif command == EVAL_END:
+                self._send(EVAL_END)
+                learner.model.train()
+                learner.method.train()
+                sums = eval_sums(learner) if sums is None else sums
+                dist.all_reduce(sums)
+                sums = None
+            elif command == GATHER:
+                self._send(GATHER, arg)
+                self.gather()
+            elif command == STOP:
+                self._send(STOP, arg)
+                self.drain()
+                return arg
+            else:
+                raise RuntimeError(f"pipeline stage {self.stage} received unknown command {command}")
+
+    # -- state -------------------------------------------------------------------------------------------------------
+    def _stage_state(self) -> dict[str, Any]:
+        learner = self.learner
+        self._receive_all_versions()
+        model_state = learner.model.state_dict()
+        method_state = learner.method.state_dict()
+        state = {
+            "stage": self.stage,
+            "blocks": [self.blocks.start, self.blocks.stop],
+            "model": {k: model_state[k].detach().cpu().clone() for k in self.model_keys},
+            "method": {k: method_state[k].detach().cpu().clone() for k in self.method_keys},
+            "optimizers": {b: learner.optimizers[b].state_dict() for b in self.blocks},
+            "skipped_by_block": {b: learner.skipped_by_block[b] for b in self.blocks},
+            "pipeline": self.pipeline_state(),
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+        }
+        self.sums, self.count = {}, 0
+        return state
+
+    def pipeline_state(self) -> dict[str, Any]:
+        """What a pipelined resume needs beyond the learner: applied and pending parameter versions, RNG state."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        replica = None if self.replica is None else [p.detach().cpu().clone() for p in self.replica.parameters()]
+        return {
+            "applied": self.applied,
+            "pending": [t.cpu() for t in self.pending],
+            "replica": replica,
+            "rng": rng,
+            "staleness": self.staleness,
+            "starts": self.starts,
+        }
+
+    @torch.no_grad()
+    def restore_pipeline_state(self, state: dict[str, Any] | None) -> None:
+        """After ``learner.load_state_dict``: this stage's pipeline state from a pipelined checkpoint, or, from a
+        sequential one, the replica as the checkpoint holds it (version step−1) and nothing pending."""
+        if state is None:
+            self.applied, self.pending = self.learner.step - 1, []
+            return
+        if state["starts"] != self.starts:
+            from locallearn.errors import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint was written by pipeline stages {state['starts']}, this run has {self.starts}: resume "
+                "with the same --dist.stages"
+            )
+        self.applied = int(state["applied"])
+        device = self.learner.device
+        self.pending = [t.to(device) for t in state["pending"]]
+        if self.replica is not None and state["replica"] is not None:
+            for p, value in zip(self.replica.parameters(), state["replica"]):
+                p.copy_(value)
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def gather(self) -> list[dict[str, Any]] | None:
+        """Every stage's state on rank 0 (a collective: rank 0 sends ``GATHER`` first, see :meth:`collect`)."""
+        payload = None if self.stage == 0 else self._stage_state()
+        out = [None] * self.stages if self.stage == 0 else None
+        dist.gather_object(payload, out, dst=0)
+        return out
+
+    @torch.no_grad()
+    def collect(self) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+        """Stage 0: bring every stage's blocks, auxiliary nets, optimizers and counters into rank 0's learner (so its
+        ``state_dict`` and fingerprint are those of the whole model). Returns the other stages' statistic sums since
+        the last collect, and their pipeline states (for the checkpoint)."""
+        self._send(GATHER)
+        states = self.gather()[1:]
+        learner = self.learner
+        self._receive_all_versions()
+        model_state, method_state = learner.model.state_dict(), learner.method.state_dict()
+        sums: dict[str, Tensor] = {}
+        pipeline = [self.pipeline_state()]
+        for state in states:
+            for key, value in state["model"].items():
+                model_state[key].copy_(value)
+            for key, value in state["method"].items():
+                method_state[key].copy_(value)
+            for b, opt_state in state["optimizers"].items():
+                learner.optimizers[b].load_state_dict(opt_state)
+            for b, n in state["skipped_by_block"].items():
+                learner.skipped_by_block[b] = n
+            sums.update({k: v.to(learner.device) for k, v in state["sums"].items()})
+            pipeline.append(state["pipeline"])
+        return sums, pipeline
+
+    def stop(self, signum: int = 0) -> None:
+        """Stage 0: tell every stage to finish (``signum``: the signal that stopped the run, 0 at the normal end)."""
+        self._send(STOP, signum)
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait for my sends to complete and receive what the next stage still sends, so no message is left."""
+        self._receive_all_versions()
+        for works, _ in self.sends:
+            for work in works:
+                work.wait()
+        self.sends = []
+        for work, _ in self.snapshot_sends:
+            work.wait()
+        self.snapshot_sends = []

@@ -1,0 +1,152 @@
+"""How :func:`locallearn.runner.train` runs its steps: in one process, data-parallel, or as a pipeline stage.
+
+The runner's loop stays the same in every mode; it calls one of these objects for what differs: a training step,
+evaluation, agreeing on a stop, gathering state before a checkpoint, and the checkpoint's extra entries. Only the
+writer (rank 0) writes files and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from locallearn.distributed.context import DistContext
+from locallearn.distributed.data_parallel import DataParallel, gather_to_writer
+from locallearn.distributed.pipeline import PipelineStage
+from locallearn.metrics import fingerprint
+
+log = logging.getLogger("locallearn")
+
+
+def _rng_state() -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+class Sequential:
+    """One process: the learner itself."""
+
+    writer = True
+    images_factor = 1  # examples of the whole batch per example this process trains on
+    mode = "none"
+    last_pipeline: Any = None  # the pipeline stages' states from the last collect (None outside a pipeline)
+
+    def __init__(self, learner: Any) -> None:
+        self.learner = learner
+
+    def train_step(self, batch) -> dict[str, Tensor]:
+        return self.learner.train_step(batch)
+
+    def evaluate(self, loader) -> dict:
+        return self.learner.evaluate(loader)
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        return signum
+
+    def collect(self) -> tuple[dict[str, Tensor], Any]:
+        return {}, None
+
+    def checkpoint_extra(self, pipeline: Any) -> dict[str, Any]:
+        return {}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, signum: int = 0) -> None:
+        pass
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {}
+
+
+class DataParallelRun(Sequential):
+    """Every rank trains all blocks on its shard; rank 0 writes. Checkpoints hold every rank's RNG state."""
+
+    mode = "data"
+
+    def __init__(self, learner: Any, ctx: DistContext) -> None:
+        super().__init__(learner)
+        self.ctx = ctx
+        self.dp = DataParallel(learner, ctx)
+        self.writer = ctx.is_writer
+        self.images_factor = ctx.world
+
+    def train_step(self, batch) -> dict[str, Tensor]:
+        return self.dp.train_step(batch)
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        return self.dp.agree_stop(signum)
+
+    def checkpoint_extra(self, pipeline: Any) -> dict[str, Any]:
+        rngs = gather_to_writer(_rng_state(), self.ctx)
+        return {"rng_ranks": rngs, "world": self.ctx.world}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        rngs = ckpt.get("rng_ranks")
+        if rngs is not None and len(rngs) == self.ctx.world:
+            torch.set_rng_state(rngs[self.ctx.rank]["torch"])
+            if "cuda" in rngs[self.ctx.rank] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rngs[self.ctx.rank]["cuda"])
+        self.dp.broadcast_state()
+
+    def summary_extra(self) -> dict[str, Any]:
+        prints = gather_to_writer(fingerprint(self.learner.model), self.ctx)
+        return {"parallel": "data", "world_size": self.ctx.world, "rank_fingerprints": prints}
+
+
+class PipelineRun(Sequential):
+    """Rank 0 is stage 0 and drives the loop; the other ranks :meth:`serve`."""
+
+    mode = "pipeline"
+
+    def __init__(self, learner: Any, ctx: DistContext, starts: list[int], staleness: int) -> None:
+        super().__init__(learner)
+        self.ctx = ctx
+        self.stage = PipelineStage(learner, ctx, starts, staleness)
+        self.writer = ctx.is_writer
+
+    def train_step(self, batch) -> dict[str, Tensor]:
+        return self.stage.train_step(batch)
+
+    def evaluate(self, loader) -> dict:
+        from locallearn.data import as_batch
+
+        return self.stage.evaluate(as_batch(b, self.learner.device) for b in loader)
+
+    def collect(self) -> tuple[dict[str, Tensor], Any]:
+        sums, self.last_pipeline = self.stage.collect()
+        return sums, self.last_pipeline
+
+    def checkpoint_extra(self, pipeline: Any) -> dict[str, Any]:
+        return {"pipeline": pipeline}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        states = ckpt.get("pipeline")
+        state = states[self.ctx.rank] if states is not None and len(states) == self.ctx.world else None
+        self.stage.restore_pipeline_state(state)
+
+    def finish(self, signum: int = 0) -> None:
+        self.stage.stop(signum)
+
+    def serve(self) -> int:
+        return self.stage.serve()
+
+    def summary_extra(self) -> dict[str, Any]:
+        starts = self.stage.starts
+        return {
+            "parallel": "pipeline",
+            "world_size": self.ctx.world,
+            "pipeline_stages": [list(range(a, b)) for a, b in zip(starts, starts[1:])],
+            "pipeline_staleness": self.stage.staleness,
+        }
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,211 @@
+"""Scale-out on torch.distributed: data-parallel ranks hold identical weights, pipelined training ends on the
+single-process fingerprint (DGL, and MAN++ with staleness 0), preemption stops every stage and resumes exactly, and a
+stage that dies ends the run within a bounded time. The distributed runs are real ``torchrun`` launches of
+``locallearn train`` with 2 gloo processes on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from locallearn import LocalLearner, create_model
+from locallearn.cli import main
+from locallearn.distributed.pipeline import balance, measure_block_seconds, stage_state_keys
+from locallearn.durable import verify
+from locallearn.methods import METHODS
+from locallearn.metrics import fingerprint
+from tests.conftest import make_batches
+
+TRAIN = [
+    "-m", "locallearn", "train", "--dataset", "synthetic", "--image-size", "16", "--arch", "resnet20", "--K", "3",
+    "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--no-progress", "--data.synthetic_train_size=192",
+    "--data.synthetic_test_size=32", "--dist.timeout_s=60",
+]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, in single-process runs as well
+
+
+def _run(cmd: list[str], out: Path, *extra: str) -> dict:
+    return _run_all([(cmd, out, extra)])[0]
+
+
+def _run_all(runs: list[tuple[list[str], Path, tuple[str, ...]]]) -> list[dict]:
+    """Launch the runs side by side (results do not depend on load: one thread per process) and wait for all."""
+    procs = [
+        subprocess.Popen(
+            [*cmd, *TRAIN, "--out", str(out), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for cmd, out, extra in runs
+    ]
+    summaries = []
+    for proc, (_, out, _) in zip(procs, runs):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    return summaries
+
+
+def _torchrun(out: Path, *extra: str) -> dict:
+    return _run(TORCHRUN, out, *extra)
+
+
+# -- in-process ------------------------------------------------------------------------------------------------------
+def test_balance_minimises_the_slowest_stage():
+    assert balance([1, 1, 1, 1], 2) == [2]
+    assert balance([4, 1, 1, 1, 1], 2) == [1]
+    assert balance([1, 2, 3, 4, 5, 6], 3) == [3, 5]  # 1+2+3 | 4+5 | 6: the slowest stage costs 9
+    costs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    starts = balance(costs, 3)
+    bounds = [0, *starts, len(costs)]
+    worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+    best = min(  # brute force over every pair of cuts
+        max(sum(costs[:i]), sum(costs[i:j]), sum(costs[j:]))
+        for i in range(1, len(costs) - 1)
+        for j in range(i + 1, len(costs))
+    )
+    assert worst == best
+    with pytest.raises(Exception, match="at least as many blocks"):
+        balance([1.0, 2.0], 3)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_every_state_key_belongs_to_exactly_one_block(method):
+    k = 1 if method == "e2e" else 4
+    learner = LocalLearner(create_model("resnet20", num_classes=10, in_channels=1), method, k, input_shape=(1, 16, 16))
+    model_keys, method_keys = [], []
+    for b in range(k):
+        m, a = stage_state_keys(learner, range(b, b + 1))
+        model_keys += m
+        method_keys += a
+    assert sorted(model_keys) == sorted(learner.model.state_dict())
+    assert sorted(method_keys) == sorted(learner.method.state_dict())
+
+
+def test_measuring_block_times_changes_nothing():
+    learner = LocalLearner(
+        create_model("resnet20", num_classes=10, in_channels=1), "dgl+man", 3, input_shape=(1, 28, 28)
+    )
+    before = fingerprint(learner.model), fingerprint(learner.method), learner.step
+    seconds = measure_block_seconds(learner, make_batches(1)[0], steps=1)
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+    assert (fingerprint(learner.model), fingerprint(learner.method), learner.step) == before
+    assert all(not opt.state for opt in learner.optimizers)  # momentum buffers of the timed steps are gone
+
+
+def test_parallel_modes_need_torchrun(capsys):
+    assert main(["train", "--parallel", "pipeline", "--dataset", "synthetic", "--max-steps", "1"]) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+# -- torchrun launches -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """Single-process, single-thread runs the pipelined ones must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("sequential")
+    methods = ("dgl", "man++")
+    return dict(zip(methods, _run_all([([sys.executable], root / m, ("--method", m)) for m in methods])))
+
+
+def test_data_parallel_ranks_hold_identical_weights(tmp_path):
+    summary = _torchrun(tmp_path / "dp", "--method", "dgl+man")
+    assert summary["parallel"] == "data" and summary["world_size"] == 2
+    prints = summary["rank_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1] == summary["fingerprint"]
+    assert summary["steps"] == 6  # --batch-size is global: 192 examples / 32, as one process
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_pipelined_dgl_is_sequential_dgl(tmp_path, sequential):
+    summary = _torchrun(tmp_path / "pp", "--method", "dgl", "--parallel", "pipeline")
+    assert summary["pipeline_stages"] in ([[0], [1, 2]], [[0, 1], [2]])
+    assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
+    assert summary["block_accuracies"] == sequential["dgl"]["block_accuracies"]
+
+
+def test_pipelined_man_with_staleness_0_is_sequential_man(tmp_path, sequential):
+    """MAN++ (InfoPro heads: the [0, 1] images travel too; EMA copy and learnable scale across the stage boundary):
+    staleness 0 is exact; staleness 1 lags the EMA by a step, which changes the weights (so the test can fail)."""
+    args = ("--method", "man++", "--parallel", "pipeline", "--dist.stages=[1]")
+    exact, stale = _run_all(
+        [(TORCHRUN, tmp_path / "s0", args), (TORCHRUN, tmp_path / "s1", (*args, "--staleness", "1"))]
+    )
+    assert exact["fingerprint"] == sequential["man++"]["fingerprint"]
+    assert stale["pipeline_staleness"] == 1 and stale["fingerprint"] != sequential["man++"]["fingerprint"]
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*TORCHRUN, *TRAIN, "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,  # its own process group: a scheduler signals every process of the job
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "timed out"
+
+
+def test_pipeline_preempted_by_sigterm_resumes_exactly(tmp_path, sequential):
+    out = tmp_path / "run"
+    args = ("--method", "dgl", "--parallel", "pipeline", "--checkpoint-every", "2", "--dist.stages=[2]")
+    proc = _start(out, *args)
+    _wait_for(out / "checkpoints" / "step-000000004.json", proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process: torchrun's agent and both stages
+    _, stderr = proc.communicate(timeout=60)
+    assert "SIGTERM received" in stderr
+    summary = _torchrun(out, *args, "--resume", "auto")
+    assert summary["resumed_from"] is not None
+    assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
+
+
+def test_a_stage_that_dies_ends_the_run(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--method", "dgl", "--parallel", "pipeline", "--checkpoint-every", "2", "--epochs", "5")
+    _wait_for(out / "checkpoints" / "step-000000004.json", proc)
+    victim = _rank_pid(proc.pid, 1)
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed < 30  # not the 60 s timeout: the peer's socket closes and torchrun tears down
+    for manifest in sorted((out / "checkpoints").glob("step-*.json")):
+        assert verify(manifest) is None  # every checkpoint left behind is complete
+
+
+def _rank_pid(root: int, rank: int) -> int:
+    """The pid of the worker with ``RANK=rank`` among ``root``'s descendants."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in _descendants(root):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank} under pid {root}")
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in map(int, children):
+            out += [child, *_descendants(child)]
+    return out
