@@ -169,7 +169,9 @@ def main() -> None:
     for name in args.cases:
         case = CASES[name]
         seq = run([*single, *case, *common], out / f"{name}_seq")
-        pipe = run([*torchrun, "-m", "locallearn", "train", *case, *common, "--parallel", "pipeline"], out / f"{name}_pp")
+        pipe = run(
+            [*torchrun, "-m", "locallearn", "train", *case, *common, "--parallel", "pipeline"], out / f"{name}_pp"
+        )
         seconds, sizes, man = block_model(case, args.batch_size)
         starts = [stage[0] for stage in pipe["pipeline_stages"][1:]]
         predicted = predict(seconds, sizes, starts, man, latency, bandwidth)
