@@ -138,7 +138,7 @@ def predict(seconds: list[float], sizes: list[int], starts: list[int], man: bool
     bounds = [0, *starts, len(seconds)]
     per_message = 4 if any(s > 0 for s in sizes) else 0  # header, h, y (and raw): latency each
     stage_times = []
-    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for a, b in zip(bounds, bounds[1:]):
         send = 0.0 if b == len(seconds) else per_message * latency + sizes[b - 1] / bw
         stage_times.append(sum(seconds[a:b]) + send)
     step = max(stage_times)

@@ -12,7 +12,9 @@ Step order (``step_order``):
   of block k+1 this gives bit-for-bit the same result as ``"after_all"``, because block k+1's input is detached
   before block k's parameters change (tested in ``tests/test_engine.py``).
 * ``"after_all"`` (the InfoPro/MAN reference code: one ``optimizer.step()`` per iteration after every backward).
-  It matters only for MAN, whose EMA copy in block k reads block k+1's live layer.
+  It holds every block's gradients at once (more memory) and gives the same weights as ``"per_block"`` for every
+  method, MAN included: block k's EMA update reads block k+1's layer in the same state under both orders (before
+  block k+1's step with ``ema_timing="before_next_step"``, right after it with ``"after_next_step"``), tested.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def train_blocks(
 
     Returns the detached per-block statistics and the detached output of the last of them. A pipeline stage
     (:mod:`locallearn.distributed.pipeline`) runs its own range of blocks with this; :func:`train_step` runs all.
-    ``before_block(k)`` runs before block k's forward, ``after_step(k)`` after its optimizer step (per-block order):
+    ``before_block(k)`` runs before block k's forward, ``after_step(k)`` after its optimizer step:
     the stage waits for, and sends, the parameters that cross stages there.
     """
     stats: dict[str, Tensor] = {}
@@ -79,6 +81,8 @@ def train_blocks(
     if learner.step_order == "after_all":
         for k in blocks:
             stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
+            if after_step is not None:
+                after_step(k)
     return stats, h
 
 

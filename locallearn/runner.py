@@ -266,6 +266,8 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
     from locallearn.distributed.context import broadcast_object
     from locallearn.distributed.pipeline import balance, measure_block_seconds
 
+    if cfg.dist.sync_bn:
+        raise UserError("--dist.sync_bn is for data parallelism; a pipeline stage holds whole batches: leave it off")
     starts = cfg.dist.stages
     if starts is None:
         if ctx.is_writer:  # time each block on the first batch (state restored after), then split by time

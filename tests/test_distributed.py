@@ -104,6 +104,9 @@ def test_measuring_block_times_changes_nothing():
 def test_parallel_modes_need_torchrun(capsys):
     assert main(["train", "--parallel", "pipeline", "--dataset", "synthetic", "--max-steps", "1"]) == 2
     assert "torchrun" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices
+        main(["train", "--parallel", "sideways", "--dataset", "synthetic"])
+    assert exit_info.value.code == 2
 
 
 # -- torchrun launches -----------------------------------------------------------------------------------------------
@@ -115,13 +118,30 @@ def sequential(tmp_path_factory):
     return dict(zip(methods, _run_all([([sys.executable], root / m, ("--method", m)) for m in methods])))
 
 
-def test_data_parallel_ranks_hold_identical_weights(tmp_path):
-    summary = _torchrun(tmp_path / "dp", "--method", "dgl+man")
+def test_data_parallel_ranks_hold_identical_weights_and_resume_exactly(tmp_path):
+    """Every rank ends with the same backbone and auxiliary nets (MAN's EMA copies included); a SIGTERM to every
+    process stops both ranks at one step, and the resumed run ends on the uninterrupted run's weights."""
+    args = ("--method", "dgl+man", "--checkpoint-every", "2")
+    out = tmp_path / "preempted"
+    proc = _start(out, *args)
+    whole = _start(tmp_path / "dp", *args)  # side by side: one thread per process, results do not depend on load
+    _wait_for(out / "checkpoints" / "step-000000002.json", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert "SIGTERM received" in stderr
+    _, whole_err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, whole_err[-3000:]
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
     assert summary["parallel"] == "data" and summary["world_size"] == 2
     prints = summary["rank_fingerprints"]
     assert len(prints) == 2 and prints[0] == prints[1] == summary["fingerprint"]
+    assert len(set(summary["rank_method_fingerprints"])) == 1
     assert summary["steps"] == 6  # --batch-size is global: 192 examples / 32, as one process
     assert 0.0 <= summary["test_accuracy"] <= 1.0
+    resumed = _torchrun(out, *args, "--resume", "auto")
+    assert resumed["resumed_from"] is not None
+    assert resumed["fingerprint"] == summary["fingerprint"]
+    assert resumed["rank_method_fingerprints"] == summary["rank_method_fingerprints"]
 
 
 def test_pipelined_dgl_is_sequential_dgl(tmp_path, sequential):

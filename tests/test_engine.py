@@ -105,16 +105,22 @@ def test_every_local_method_at_k1_is_end_to_end(method):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("method", LOCAL_METHODS)
-def test_per_block_and_after_all_step_orders_agree(method):
-    """Block k+1's input is detached before block k steps, so stepping early changes nothing."""
+@pytest.mark.parametrize(
+    "method, options",
+    [(m, {}) for m in LOCAL_METHODS] + [("infopro+man", {"ema_timing": "before_next_step", "copy_init": "random"})],
+)
+def test_per_block_and_after_all_step_orders_agree(method, options):
+    """Block k+1's input is detached before block k steps, so stepping early changes nothing; MAN's EMA update reads
+    block k+1's layer in the same state under both orders (with either ema_timing)."""
     batches = make_batches(3)
-    a = make_learner(method, k=3, step_order="per_block")
-    b = make_learner(method, k=3, step_order="after_all")
+    a = make_learner(method, k=3, step_order="per_block", method_options=options)
+    b = make_learner(method, k=3, step_order="after_all", method_options=options)
     for batch in batches:
         a.train_step(batch)
         b.train_step(batch)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)
+    for x, y in zip(a.method.state_dict().values(), b.method.state_dict().values()):
         assert torch.equal(x, y)
 
 

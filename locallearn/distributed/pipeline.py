@@ -9,10 +9,11 @@ the last stage, gradients sent back) cannot express. Messages are ``torch.distri
 
 Exact by design. In the sequential engine (per-block step order) block k steps on micro-batch t before block k+1
 sees micro-batch t, and block k+1's input is detached, so block k+1's result depends only on block k's output —
-exactly what it receives here. Every process builds the whole learner from the same seed, so the blocks start with
-the same weights; each stage's learner counts its own steps, so the schedule is the same. For every method whose
-block k reads nothing of block k+1 (DGL, InfoPro, AugLocal) the pipeline therefore ends with bit-for-bit the weights
-of a single process with the same seed, data order and thread count (tested).
+exactly what it receives here. (``step_order="after_all"`` steps a stage's blocks after the stage's backward passes;
+the two orders give the same weights, see :mod:`locallearn.engine`.) Every process builds the whole learner from the
+same seed, so the blocks start with the same weights; each stage's learner counts its own steps, so the schedule is
+the same. For every method whose block k reads nothing of block k+1 (DGL, InfoPro, AugLocal) the pipeline therefore
+ends with bit-for-bit the weights of a single process with the same seed, data order and thread count (tested).
 
 MAN and MAN++: the EMA copy of block k follows block k+1's first layer (``method.downstream_reads``). When block k+1
 lives on the next stage, that stage sends the layer's parameters upstream after each of its steps (a message of one
@@ -133,16 +134,12 @@ class PipelineStage:
         bounds = [0, *starts, k]
         if len(starts) != world - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise UserError(
-                f"pipeline stages {starts} do not cut K={k} blocks into {world} non-empty stages: give {world - 1} "
-                f"increasing first-block indices in 1..{k - 1} (--dist.stages), or leave it unset to balance by time"
+                f"pipeline stages {starts} do not cut K={k} blocks into {world} non-empty stages (one per process; "
+                f"data parallel x pipeline, a 2-D grid of ranks, is not supported): give {world - 1} increasing "
+                f"first-block indices in 1..{k - 1} (--dist.stages), or leave it unset to balance by time"
             )
         if staleness < 0:
             raise UserError(f"--dist.staleness must be >= 0 steps, got {staleness}")
-        if learner.step_order != "per_block":
-            raise UserError(
-                "pipelined training needs --step-order per_block (a stage steps its blocks before the next stage sees "
-                "the micro-batch; after_all would make block k wait for block K-1)"
-            )
         self.learner, self.ctx, self.staleness = learner, ctx, staleness
         self.stage, self.stages = ctx.rank, world
         self.starts = bounds

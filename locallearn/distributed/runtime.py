@@ -96,8 +96,13 @@ class DataParallelRun(Sequential):
         self.dp.broadcast_state()
 
     def summary_extra(self) -> dict[str, Any]:
-        prints = gather_to_writer(fingerprint(self.learner.model), self.ctx)
-        return {"parallel": "data", "world_size": self.ctx.world, "rank_fingerprints": prints}
+        prints = gather_to_writer((fingerprint(self.learner.model), fingerprint(self.learner.method)), self.ctx)
+        return {
+            "parallel": "data",
+            "world_size": self.ctx.world,
+            "rank_fingerprints": None if prints is None else [model for model, _ in prints],
+            "rank_method_fingerprints": None if prints is None else [method for _, method in prints],
+        }
 
 
 class PipelineRun(Sequential):
