@@ -147,6 +147,25 @@ def _allowed_types(annotation: Any) -> tuple[type, ...]:
     return (typing.get_origin(annotation) or annotation,)
 
 
+def all_fields() -> list[str]:
+    """Every ``section.key`` of the config (the method section's keys depend on the method and are not listed)."""
+    cfg = RunConfig()
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _nearest(dotted: str) -> str:
+    """ " (did you mean train.epochs?)" for a near miss of a real field, else ""."""
+    import difflib
+
+    fields = all_fields()
+    match = difflib.get_close_matches(dotted, fields, n=1, cutoff=0.75)
+    if not match:  # a misspelt section with a right key: match the key alone
+        key = dotted.partition(".")[2]
+        same_key = [f for f in fields if f.partition(".")[2] == key]
+        match = same_key[:1] if len(same_key) == 1 else []
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
 def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
     """Set ``section.key`` to ``value``, checking the type against the dataclass annotation."""
     section, _, key = dotted.partition(".")
@@ -157,13 +176,14 @@ def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
         return
     if section not in SECTIONS or not key:
         raise UserError(
-            f"unknown config field {dotted!r}: use section.key with a section from {', '.join((*SECTIONS, 'method'))}"
+            f"unknown config field {dotted!r}{_nearest(dotted)}: use section.key with a section from "
+            f"{', '.join((*SECTIONS, 'method'))}"
         )
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         names = ", ".join(f.name for f in dataclasses.fields(obj))
-        raise UserError(f"unknown config field {dotted!r}: {section} has {names}")
+        raise UserError(f"unknown config field {dotted!r}{_nearest(dotted)}: {section} has {names}")
     allowed = _allowed_types(hints[key])
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
         value = float(value)

@@ -111,23 +111,25 @@ def write_fake_fashion(root: Path, corrupt: str | None = None) -> None:
             shutil.copy(src / name, root / name)
 
 
-BAD_INPUTS = [
-    (["--arch", "resnet33"], "unknown arch 'resnet33'"),
-    (["--method", "backprop"], "unknown method 'backprop'"),
-    (["--dataset", "mnist-ish"], "unknown dataset 'mnist-ish'"),
-    (["--K", "40"], "K=40 does not fit resnet20"),
-    (["--method", "e2e", "--K", "3"], "use --K 1"),
-    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
-    (["--dataset", "cifar10", "--data-dir", "/tmp"], "CIFAR-10 not found"),
-    (["--optim.lr=fast"], "optim.lr should be float"),
-    (["--train.colour=red"], "unknown config field 'train.colour'"),
-    (["--split", "man", "--K", "16", "--arch", "resnet32"], "use --K 15"),
-    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+BAD_INPUTS = [  # (arguments, what the one line must say, exit status: 2 usage/config, 3 data)
+    (["--arch", "resnet33"], "unknown arch 'resnet33'", 2),
+    (["--method", "backprop"], "unknown method 'backprop'", 2),
+    (["--dataset", "mnist-ish"], "unknown dataset 'mnist-ish'", 2),
+    (["--K", "40"], "K=40 does not fit resnet20", 2),
+    (["--method", "e2e", "--K", "3"], "use --K 1", 2),
+    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir", 3),
+    (["--dataset", "cifar10", "--data-dir", "/tmp"], "CIFAR-10 not found", 3),
+    (["--optim.lr=fast"], "optim.lr should be float", 2),
+    (["--train.colour=red"], "unknown config field 'train.colour'", 2),
+    (["--train.epoch=3"], "did you mean train.epochs?", 2),
+    (["--trian.epochs=3"], "did you mean train.epochs?", 2),
+    (["--split", "man", "--K", "16", "--arch", "resnet32"], "use --K 15", 2),
+    (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found", 2),
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS)
-def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+@pytest.mark.parametrize("args,message,status", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(args, message, status, tmp_path, capsys):
     base = [
         "train",
         "--dataset",
@@ -143,7 +145,7 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
         tmp_path / "run",
     ]
     code, _, err = run_cli([*base, *args], capsys)
-    assert code == 2
+    assert code == status, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err
@@ -156,7 +158,7 @@ def test_corrupt_idx_file_names_the_file(tmp_path, capsys):
     root = tmp_path / "fm"
     write_fake_fashion(root, corrupt="train-images-idx3-ubyte.gz")
     code, _, err = run_cli(["train", "--data-dir", root, "--max-steps", "1", "--out", tmp_path / "run"], capsys)
-    assert code == 2 and "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
+    assert code == 3 and "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -31,7 +31,7 @@ from locallearn.data.config import DataConfig
 from locallearn.data.datasets import _check_config
 from locallearn.data.info import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_INFO, DatasetInfo, normalization_tensors
 from locallearn.data.loader import EPOCH_STRIDE, Batch
-from locallearn.errors import UserError
+from locallearn.errors import DataError, UserError
 
 log = logging.getLogger("locallearn")
 
@@ -225,11 +225,11 @@ class FolderLoader:
 
 def _folder(path: Path, transform: v2.Compose) -> ImageFolder:
     if not path.is_dir():
-        raise UserError(f"{path} is not a folder: expected {LAYOUT}")
+        raise DataError(f"{path} is not a folder: expected {LAYOUT}")
     try:
         return ImageFolder(str(path), transform=transform)
     except FileNotFoundError as err:  # no class folders, or a class folder without a single image
-        raise UserError(f"{path}: {str(err).rstrip('.')}: expected {LAYOUT}") from None
+        raise DataError(f"{path}: {str(err).rstrip('.')}: expected {LAYOUT}") from None
 
 
 def _first(dataset: ImageFolder, limit: int | None) -> ImageFolder | Subset:
@@ -261,13 +261,13 @@ def imagenet_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
         raise UserError(f"imagenet needs --data-dir <root>, a folder holding {LAYOUT}: pass --data-dir")
     root = Path(cfg.data_dir).expanduser()
     if not root.is_dir():
-        raise UserError(f"--data-dir {root} does not exist: pass the folder <root> holding {LAYOUT}")
+        raise DataError(f"--data-dir {root} does not exist: pass the folder <root> holding {LAYOUT}")
     # Without augmentation, training images get the evaluation crop.
     train = _folder(root / "train", imagenet_transform(cfg.crop_size, train=cfg.augment))
     val = _folder(root / "val", imagenet_transform(cfg.crop_size, train=False))
     if train.classes != val.classes:  # both sorted, so equal lists <=> equal sets
         only = ", ".join(sorted(set(train.classes) ^ set(val.classes))[:3])
-        raise UserError(
+        raise DataError(
             f"{root}/train has {len(train.classes)} classes and {root}/val has {len(val.classes)}, and they differ "
             f"(e.g. {only}): give val/ the same class folders as train/"
         )

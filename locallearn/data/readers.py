@@ -2,7 +2,7 @@
 
 They check shapes and sizes but not torchvision's MD5 sums, so that tests can write small files of the same layout.
 Each reader returns a :class:`RawData` of uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``; a missing, short or
-corrupt file raises :class:`UserError` naming the file and the fix.
+corrupt file raises :class:`DataError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from locallearn.errors import UserError
+from locallearn.errors import DataError
 
 DEFAULT_ROOT = "data"  # torchvision's customary root, relative to the working directory
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
@@ -41,8 +41,8 @@ class RawData:
     class_names: tuple[str, ...] | None = None
 
 
-def _corrupt(path: Path, what: str) -> UserError:
-    return UserError(f"{path} is corrupt ({what}): delete it and re-install or re-download it")
+def _corrupt(path: Path, what: str) -> DataError:
+    return DataError(f"{path} is corrupt ({what}): delete it and re-install or re-download it")
 
 
 def _check_labels(labels: np.ndarray, path: Path, num_classes: int) -> Tensor:
@@ -62,7 +62,7 @@ def _root(data_dir: str | None) -> Path:
         return Path(DEFAULT_ROOT)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise UserError(f"data directory {root} does not exist: create it with the dataset inside or fix --data-dir")
+        raise DataError(f"data directory {root} does not exist: create it with the dataset inside or fix --data-dir")
     return root
 
 
@@ -114,7 +114,7 @@ def read_fashion_mnist(data_dir: str | None, download: bool = False) -> RawData:
         found = first_complete()  # torchvision writes <root>/FashionMNIST/raw
     if found is None:
         names = ", ".join(s + "[.gz]" for s in FASHION_MNIST_FILES)
-        raise UserError(
+        raise DataError(
             f"Fashion-MNIST not found: looked for {names} in {', '.join(map(str, dirs))}; "
             "run `apt-get install -y dataset-fashion-mnist` or pass --download on a machine with internet"
         )
@@ -133,7 +133,7 @@ def read_fashion_mnist(data_dir: str | None, download: bool = False) -> RawData:
 # ---------------------------------------------------------------------------------------------------- CIFAR-10
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(
+        raise DataError(
             f"CIFAR-10 file {path} is missing: expected {path.parent}/data_batch_1..5 and test_batch (torchvision's "
             "layout); download it on a machine with internet or pass --download"
         )
@@ -172,7 +172,7 @@ def read_cifar10(data_dir: str | None, download: bool = False) -> RawData:
     if not folder.is_dir() and download:
         _download("CIFAR-10", lambda tv, r: tv.CIFAR10(r, download=True), root)
     if not folder.is_dir():
-        raise UserError(
+        raise DataError(
             f"CIFAR-10 not found under {root}: expected {folder}/data_batch_1..5 and test_batch (torchvision's "
             "layout); download it on a machine with internet or pass --download"
         )
@@ -191,7 +191,7 @@ def _svhn_split(path: Path) -> tuple[Tensor, Tensor]:
     import scipy.io  # imported here: only SVHN needs scipy
 
     if not path.is_file():
-        raise UserError(
+        raise DataError(
             f"SVHN file {path} is missing: expected train_32x32.mat and test_32x32.mat in {path.parent} "
             "(torchvision's layout); download them on a machine with internet or pass --download"
         )
@@ -227,7 +227,7 @@ def _stl10_split(folder: Path, split: str) -> tuple[Tensor, Tensor]:
     x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
     for p in (x_path, y_path):
         if not p.is_file():
-            raise UserError(
+            raise DataError(
                 f"STL-10 file {p} is missing: expected train_X.bin, train_y.bin, test_X.bin and test_y.bin in {folder} "
                 "(torchvision's layout); download them on a machine with internet or pass --download"
             )
@@ -268,7 +268,7 @@ def _download(what: str, fetch: Callable[[Any, str], object], root: Path) -> Non
     try:
         fetch(tv, str(root))
     except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on a bad MD5
-        raise UserError(
+        raise DataError(
             f"downloading {what} into {root} failed ({e}): check the internet connection, or copy the files there "
             "by hand and drop --download"
         ) from None

@@ -9,11 +9,12 @@ the last stage, gradients sent back) cannot express. Messages are ``torch.distri
 
 Exact by design. In the sequential engine (per-block step order) block k steps on micro-batch t before block k+1
 sees micro-batch t, and block k+1's input is detached, so block k+1's result depends only on block k's output —
-exactly what it receives here. (``step_order="after_all"`` steps a stage's blocks after the stage's backward passes;
-the two orders give the same weights, see :mod:`locallearn.engine`.) Every process builds the whole learner from the
-same seed, so the blocks start with the same weights; each stage's learner counts its own steps, so the schedule is
-the same. For every method whose block k reads nothing of block k+1 (DGL, InfoPro, AugLocal) the pipeline therefore
-ends with bit-for-bit the weights of a single process with the same seed, data order and thread count (tested).
+exactly what it receives here. (A stage always steps in per-block order: ``step_order="after_all"`` gives the same
+weights, see :mod:`locallearn.engine`, but would hold back MAN's parameter versions.) Every process builds the whole
+learner from the same seed, so the blocks start with the same weights; each stage's learner counts its own steps, so
+the schedule is the same. For every method whose block k reads nothing of block k+1 (DGL, InfoPro, AugLocal) the
+pipeline therefore ends with bit-for-bit the weights of a single process with the same seed, data order and thread
+count (tested).
 
 MAN and MAN++: the EMA copy of block k follows block k+1's first layer (``method.downstream_reads``). When block k+1
 lives on the next stage, that stage sends the layer's parameters upstream after each of its steps (a message of one
@@ -140,6 +141,11 @@ class PipelineStage:
             )
         if staleness < 0:
             raise UserError(f"--dist.staleness must be >= 0 steps, got {staleness}")
+        # A stage steps each block right after its own backward even when the config says after_all: the weights are
+        # the same under both orders (tests/test_engine.py), and a block k+1 that steps only at the end of its stage
+        # would make block k on the stage before wait for the whole stage (MAN, staleness 0): measured 19 s of
+        # waiting in 40 steps of InfoPro+MAN K=15, 63.6 instead of ~70 img/s.
+        learner.step_order = "per_block"
         self.learner, self.ctx, self.staleness = learner, ctx, staleness
         self.stage, self.stages = ctx.rank, world
         self.starts = bounds
@@ -157,6 +163,9 @@ class PipelineStage:
         self.snapshot_sends: list[tuple[dist.Work, Tensor]] = []
         self.sums: dict[str, Tensor] = {}  # statistics since the last gather (stages > 0)
         self.count = 0
+        # seconds this stage waited: for its input, for the next stage's parameter versions (MAN, staleness), for
+        # the next stage to take its outputs (back-pressure); the pipeline's bubbles, reported in summary.json
+        self.waits = {"input": 0.0, "versions": 0.0, "backpressure": 0.0}
         self.model_keys, self.method_keys = stage_state_keys(learner, self.blocks)
         self.prev, self.next = self.stage - 1, self.stage + 1
 
@@ -180,9 +189,11 @@ class PipelineStage:
         works = [dist.isend(header, self.next, tag=TAG_HEADER)]
         works += [dist.isend(t, self.next, tag=tag) for t, tag in tensors]
         self.sends.append((works, [header, *(t for t, _ in tensors)]))
+        start = time.perf_counter()
         while len(self.sends) > MAX_IN_FLIGHT:  # back-pressure: never more than that many micro-batches in flight
             for work in self.sends.pop(0)[0]:
                 work.wait()
+        self.waits["backpressure"] += time.perf_counter() - start
 
     @property
     def _wire_device(self) -> torch.device:
@@ -190,7 +201,9 @@ class PipelineStage:
 
     def _recv(self) -> tuple[int, int, Tensor | None, Tensor | None, Tensor | None]:
         header = torch.empty(HEADER, dtype=torch.int64, device=self._wire_device)
+        start = time.perf_counter()
         dist.recv(header, self.prev, tag=TAG_HEADER)
+        self.waits["input"] += time.perf_counter() - start
         values = header.tolist()
         command, arg = values[0], values[1]
         if command not in (TRAIN, EVAL):
@@ -236,7 +249,9 @@ class PipelineStage:
             return self.pending.pop(0)
         flat = torch.empty(sum(p.numel() for p in self.replica.parameters()), device=self.learner.device)
         flat = flat.to(next(self.replica.parameters()).dtype)
+        start = time.perf_counter()
         dist.recv(flat, self.next, tag=TAG_SNAPSHOT)
+        self.waits["versions"] += time.perf_counter() - start
         return flat
 
     @torch.no_grad()
@@ -360,6 +375,7 @@ class PipelineStage:
             "skipped_by_block": {b: learner.skipped_by_block[b] for b in self.blocks},
             "pipeline": self.pipeline_state(),
             "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "waits": dict(self.waits),
         }
         self.sums, self.count = {}, 0
         return state
@@ -422,6 +438,7 @@ class PipelineStage:
         model_state, method_state = learner.model.state_dict(), learner.method.state_dict()
         sums: dict[str, Tensor] = {}
         pipeline = [self.pipeline_state()]
+        self.stage_waits = [dict(self.waits)] + [state["waits"] for state in states]
         for state in states:
             for key, value in state["model"].items():
                 model_state[key].copy_(value)

@@ -149,6 +149,8 @@ class PipelineRun(Sequential):
             "world_size": self.ctx.world,
             "pipeline_stages": [list(range(a, b)) for a, b in zip(starts, starts[1:])],
             "pipeline_staleness": self.stage.staleness,
+            # per stage, seconds spent waiting (input, MAN's parameter versions, back-pressure) up to the last collect
+            "pipeline_wait_seconds": getattr(self.stage, "stage_waits", None),
         }
 
 
