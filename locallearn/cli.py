@@ -116,6 +116,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="pipeline with MAN: steps block k's EMA copy may lag block k+1 on the next stage (default 0: exact)",
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic kernels only: two runs with the same seed, device and thread count are bitwise equal",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -137,6 +143,8 @@ def build_config(args: argparse.Namespace, overrides: list[str]):
         cfg.data.download = True
     if args.overwrite:
         cfg.train.overwrite = True
+    if args.deterministic:
+        cfg.train.deterministic = True
     if args.no_progress or args.quiet:
         cfg.train.progress = False
     bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]

@@ -66,6 +66,9 @@ class TrainConfig:
     stop_on_sigusr1: SIGUSR1 stops the run like SIGTERM (save, exit 138); SIGTERM and SIGINT always do.
     nonfinite: a block whose loss or gradient is NaN/inf: "stop" (error naming block and step, exit 5), "skip"
         (that block's step is skipped and counted in summary.json) or "off" (no check, no host sync per block).
+    deterministic: deterministic kernels only (``torch.use_deterministic_algorithms``, cuDNN without autotuning,
+        cuBLAS's fixed workspace), so two runs with the same seed, device and thread count are bitwise equal step by
+        step. On CPU locallearn's runs are that already; across thread counts they are not (see README).
     out: run directory (None: runs/<time>-<method>-<arch>-K<k>).
     overwrite: allow writing into a non-empty run directory.
     save_checkpoint: write checkpoint.pt at the end.
@@ -91,6 +94,7 @@ class TrainConfig:
     resume: str | None = None
     stop_on_sigusr1: bool = True
     nonfinite: str = "stop"
+    deterministic: bool = False
     out: str | None = None
     overwrite: bool = False
     save_checkpoint: bool = True

@@ -223,6 +223,18 @@ def _save(store, cfg: RunConfig, learner: LocalLearner, progress: Progress, runn
     log.info("checkpoint: %s (step %d)", path, learner.step)
 
 
+def use_deterministic_kernels() -> None:
+    """Only deterministic kernels from here on: ``torch.use_deterministic_algorithms`` (an operation without a
+    deterministic implementation warns, naming itself), cuDNN without benchmark autotuning, and cuBLAS's fixed
+    workspace (the variable must be set before CUDA's first matrix product; a run sets it at its start)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def _is_peer_failure(err: RuntimeError) -> bool:
     """A collective or point-to-point message failed because a peer died or timed out (gloo and NCCL raise
     ``RuntimeError`` or its ``DistError`` subclasses, with the transport's message)."""
@@ -251,7 +263,7 @@ def _parallel_mode(cfg: RunConfig) -> str:
     return mode
 
 
-def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loader):
+def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loader, resume_from: Path | None = None):
     """The object that runs steps in ``mode`` (:mod:`locallearn.distributed.runtime`)."""
     from locallearn.distributed import runtime
 
@@ -269,6 +281,11 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
     if cfg.dist.sync_bn:
         raise UserError("--dist.sync_bn is for data parallelism; a pipeline stage holds whole batches: leave it off")
     starts = cfg.dist.stages
+    if starts is None and resume_from is not None:  # a resumed pipeline keeps its stages (timings may differ now)
+        from locallearn.checkpoint import load_checkpoint
+
+        states = load_checkpoint(resume_from).get("pipeline") if ctx.is_writer else None
+        starts = broadcast_object(None if not states else states[0]["starts"][1:-1])
     if starts is None:
         if ctx.is_writer:  # time each block on the first batch (state restored after), then split by time
             seconds = measure_block_seconds(learner, next(iter(train_loader)))
@@ -295,6 +312,8 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     the other ranks return None.
     """
     device = resolve_device(cfg.train.device)
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     mode = _parallel_mode(cfg)
     ctx = None
     if mode != "none":
@@ -339,13 +358,13 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
 
         barrier()  # every rank has checked --out before rank 0 writes into it
     store = CheckpointStore(out, cfg.train.keep_checkpoints) if writer else None
-    executor = _make_executor(mode, cfg, learner, ctx, train_loader)
-    progress = Progress()
     resume_from = None
     if cfg.train.resume:
         resume_from = resolve_resume(cfg.train.resume, out, log) if writer else None
         if ctx is not None:
             resume_from = broadcast_object(resume_from)  # rank 0 chose (and logged why); every rank loads it
+    executor = _make_executor(mode, cfg, learner, ctx, train_loader, resume_from)
+    progress = Progress()
     if resume_from is not None:
         progress = _restore(resume_from, cfg, learner, executor)
         log.info("resumed at step %d (epoch %d, batch %d)", learner.step, progress.epoch + 1, progress.batch)

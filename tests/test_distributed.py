@@ -144,13 +144,6 @@ def test_data_parallel_ranks_hold_identical_weights_and_resume_exactly(tmp_path)
     assert resumed["rank_method_fingerprints"] == summary["rank_method_fingerprints"]
 
 
-def test_pipelined_dgl_is_sequential_dgl(tmp_path, sequential):
-    summary = _torchrun(tmp_path / "pp", "--method", "dgl", "--parallel", "pipeline")
-    assert summary["pipeline_stages"] in ([[0], [1, 2]], [[0, 1], [2]])
-    assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
-    assert summary["block_accuracies"] == sequential["dgl"]["block_accuracies"]
-
-
 def test_pipelined_man_with_staleness_0_is_sequential_man(tmp_path, sequential):
     """MAN++ (InfoPro heads: the [0, 1] images travel too; EMA copy and learnable scale across the stage boundary):
     staleness 0 is exact; staleness 1 lags the EMA by a step, which changes the weights (so the test can fail)."""
@@ -180,14 +173,26 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
     assert path.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "timed out"
 
 
-def test_pipeline_preempted_by_sigterm_resumes_exactly(tmp_path, sequential):
+def test_pipelined_dgl_is_sequential_dgl_also_after_preemption(tmp_path, sequential):
+    """Pipelined DGL (stages balanced by measured time) ends on the single-process fingerprint; so does a pipelined
+    run stopped by SIGTERM to every process (all stages stop at one step, well inside a 30 s grace period) and
+    resumed with --resume auto."""
     out = tmp_path / "run"
-    args = ("--method", "dgl", "--parallel", "pipeline", "--checkpoint-every", "2", "--dist.stages=[2]")
+    args = ("--method", "dgl", "--parallel", "pipeline", "--checkpoint-every", "2")
     proc = _start(out, *args)
+    whole = _start(tmp_path / "whole", *args)  # side by side: one thread per process, results do not depend on load
     _wait_for(out / "checkpoints" / "step-000000004.json", proc)
+    signalled = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)  # every process: torchrun's agent and both stages
     _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - signalled < 30
     assert "SIGTERM received" in stderr
+    _, whole_err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, whole_err[-3000:]
+    uninterrupted = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert uninterrupted["pipeline_stages"] in ([[0], [1, 2]], [[0, 1], [2]])
+    assert uninterrupted["fingerprint"] == sequential["dgl"]["fingerprint"]
+    assert uninterrupted["block_accuracies"] == sequential["dgl"]["block_accuracies"]
     summary = _torchrun(out, *args, "--resume", "auto")
     assert summary["resumed_from"] is not None
     assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
