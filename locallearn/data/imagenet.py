@@ -19,19 +19,21 @@ import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.transforms import v2
 
 from locallearn.data.config import DataConfig
 from locallearn.data.datasets import _check_config
 from locallearn.data.info import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_INFO, DatasetInfo, normalization_tensors
 from locallearn.data.loader import EPOCH_STRIDE, Batch
 from locallearn.errors import DataError, UserError
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: it costs 1.6 s at start-up
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
 
 log = logging.getLogger("locallearn")
 
@@ -43,6 +45,8 @@ LAYOUT = (
 
 def imagenet_transform(crop_size: int, train: bool) -> v2.Compose:
     """The per-image transform: PIL image -> float32 ``[3, crop, crop]`` in [0, 1], not normalised."""
+    from torchvision.transforms import v2
+
     if train:
         geometry = [v2.RandomResizedCrop(crop_size), v2.RandomHorizontalFlip()]
     else:
@@ -224,6 +228,8 @@ class FolderLoader:
 
 
 def _folder(path: Path, transform: v2.Compose) -> ImageFolder:
+    from torchvision.datasets import ImageFolder
+
     if not path.is_dir():
         raise DataError(f"{path} is not a folder: expected {LAYOUT}")
     try:

