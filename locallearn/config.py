@@ -268,3 +268,55 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
 
 def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+_POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.K", "train.max_steps",
+             "data.limit_train", "data.limit_test", "data.image_size", "data.in_channels", "data.num_classes",
+             "data.synthetic_train_size", "data.synthetic_test_size", "data.crop_size", "data.pad_to",
+             "data.channels", "train.malloc_mmap_threshold")  # fmt: skip
+_NON_NEGATIVE = ("train.seed", "train.checkpoint_every", "data.workers", "dist.staleness", "optim.weight_decay",
+                 "optim.warmup_epochs")  # fmt: skip
+_CHOICES = {
+    "train.step_order": ("per_block", "after_all"),
+    "train.amp": ("none", "bf16"),
+    "train.checkpointing": ("none", "stage", "aux", "stage+aux"),
+    "train.nonfinite": ("stop", "skip", "off"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule_unit": ("step", "epoch"),
+    "dist.parallel": ("auto", "none", "data", "pipeline"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject out-of-range values and unknown choices before any work, naming the field and what it accepts.
+
+    Names that need a registry (methods, datasets, architectures, splits) are checked where they are looked up, with
+    the same kind of message (:class:`UserError`)."""
+
+    def get(dotted: str) -> Any:
+        section, _, key = dotted.partition(".")
+        return getattr(getattr(cfg, section), key)
+
+    for name in _POSITIVE:
+        value = get(name)
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}: pass a positive number")
+    for name in _NON_NEGATIVE:
+        if get(name) < 0:
+            raise UserError(f"{name} must be >= 0, got {get(name)}")
+    for name, choices in _CHOICES.items():
+        if get(name) not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {get(name)!r}")
+    if not cfg.optim.lr > 0 or not cfg.optim.warmup_start_lr >= 0:
+        raise UserError(f"optim.lr must be > 0 and optim.warmup_start_lr >= 0, got {cfg.optim.lr}, "
+                        f"{cfg.optim.warmup_start_lr}")  # fmt: skip
+    if not 0 <= cfg.optim.momentum < 1:
+        raise UserError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    if cfg.train.keep_checkpoints < 2:
+        raise UserError(f"train.keep_checkpoints must be >= 2 (a complete one survives a failed write), got "
+                        f"{cfg.train.keep_checkpoints}")  # fmt: skip
+    if not cfg.dist.timeout_s > 0:
+        raise UserError(f"dist.timeout_s must be > 0 seconds, got {cfg.dist.timeout_s}")
+    stages = cfg.dist.stages
+    if stages is not None and (not all(isinstance(s, int) and not isinstance(s, bool) for s in stages)):
+        raise UserError(f"dist.stages must be a list of block indices, e.g. [2], got {stages!r}")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from locallearn import __version__
 from locallearn.allocator import set_mmap_threshold
-from locallearn.config import RunConfig, dump_yaml
+from locallearn.config import RunConfig, dump_yaml, validate
 from locallearn.data import build_data
 from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, check_keep, resolve_resume
 from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
@@ -311,6 +311,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     Under torchrun (``cfg.dist``, docs/distributed.md) every rank calls this; rank 0 writes and returns the summary,
     the other ranks return None.
     """
+    validate(cfg)
     device = resolve_device(cfg.train.device)
     if cfg.train.deterministic:
         use_deterministic_kernels()
