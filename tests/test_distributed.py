@@ -27,7 +27,8 @@ TRAIN = [
     "--data.synthetic_test_size=32", "--dist.timeout_s=60",
 ]  # fmt: skip
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, in single-process runs as well
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+DIRECT = ["(two ranks without torchrun's agent)"]  # one thread per process, in single-process runs as well
 
 
 def _run(cmd: list[str], out: Path, *extra: str) -> dict:
@@ -35,27 +36,39 @@ def _run(cmd: list[str], out: Path, *extra: str) -> dict:
 
 
 def _run_all(runs: list[tuple[list[str], Path, tuple[str, ...]]]) -> list[dict]:
-    """Launch the runs side by side (results do not depend on load: one thread per process) and wait for all."""
-    procs = [
-        subprocess.Popen(
-            [*cmd, *TRAIN, "--out", str(out), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
-        for cmd, out, extra in runs
-    ]
+    """Launch the runs side by side (results do not depend on load: one thread per process) and wait for all.
+
+    ``DIRECT`` as the command starts the two ranks without torchrun's agent (the environment torchrun would set),
+    which saves the agent's start-up where the test is about results, not about torchrun."""
+    groups = []
+    for cmd, out, extra in runs:
+        argv = [*TRAIN, "--out", str(out), *extra]
+        if cmd is DIRECT:
+            port = _free_port()
+            envs = [{**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)} for r in range(2)]  # fmt: skip
+            groups.append([_popen([sys.executable, *argv], env) for env in envs])
+        else:
+            groups.append([_popen([*cmd, *argv], ENV)])
     summaries = []
-    for proc, (_, out, _) in zip(procs, runs):
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
+    for procs, (_, out, _) in zip(groups, runs):
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-3000:]
         summaries.append(json.loads((out / "summary.json").read_text()))
     return summaries
 
 
-def _torchrun(out: Path, *extra: str) -> dict:
-    return _run(TORCHRUN, out, *extra)
+def _popen(argv: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # -- in-process ------------------------------------------------------------------------------------------------------
@@ -138,7 +151,7 @@ def test_data_parallel_ranks_hold_identical_weights_and_resume_exactly(tmp_path)
     assert len(set(summary["rank_method_fingerprints"])) == 1
     assert summary["steps"] == 6  # --batch-size is global: 192 examples / 32, as one process
     assert 0.0 <= summary["test_accuracy"] <= 1.0
-    resumed = _torchrun(out, *args, "--resume", "auto")
+    resumed = _run(DIRECT, out, *args, "--resume", "auto")
     assert resumed["resumed_from"] is not None
     assert resumed["fingerprint"] == summary["fingerprint"]
     assert resumed["rank_method_fingerprints"] == summary["rank_method_fingerprints"]
@@ -148,9 +161,7 @@ def test_pipelined_man_with_staleness_0_is_sequential_man(tmp_path, sequential):
     """MAN++ (InfoPro heads: the [0, 1] images travel too; EMA copy and learnable scale across the stage boundary):
     staleness 0 is exact; staleness 1 lags the EMA by a step, which changes the weights (so the test can fail)."""
     args = ("--method", "man++", "--parallel", "pipeline", "--dist.stages=[1]")
-    exact, stale = _run_all(
-        [(TORCHRUN, tmp_path / "s0", args), (TORCHRUN, tmp_path / "s1", (*args, "--staleness", "1"))]
-    )
+    exact, stale = _run_all([(DIRECT, tmp_path / "s0", args), (DIRECT, tmp_path / "s1", (*args, "--staleness", "1"))])
     assert exact["fingerprint"] == sequential["man++"]["fingerprint"]
     assert stale["pipeline_staleness"] == 1 and stale["fingerprint"] != sequential["man++"]["fingerprint"]
 
@@ -193,7 +204,7 @@ def test_pipelined_dgl_is_sequential_dgl_also_after_preemption(tmp_path, sequent
     assert uninterrupted["pipeline_stages"] in ([[0], [1, 2]], [[0, 1], [2]])
     assert uninterrupted["fingerprint"] == sequential["dgl"]["fingerprint"]
     assert uninterrupted["block_accuracies"] == sequential["dgl"]["block_accuracies"]
-    summary = _torchrun(out, *args, "--resume", "auto")
+    summary = _run(DIRECT, out, *args, "--resume", "auto")
     assert summary["resumed_from"] is not None
     assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
 
