@@ -14,6 +14,21 @@ from locallearn.learner import LocalLearner
 from locallearn.metrics import resolve_device
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random-number generator states (CPU, and every CUDA device when there is one)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by ``locallearn train`` (tensors and plain data only: ``weights_only=True``)."""
     path = Path(path)

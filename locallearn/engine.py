@@ -63,6 +63,12 @@ def train_blocks(
     the stage waits for, and sends, the parameters that cross stages there.
     """
     stats: dict[str, Tensor] = {}
+
+    def step(k: int) -> None:  # block k's optimizer step (the guard may replace its loss by the reduced one)
+        stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
+        if after_step is not None:
+            after_step(k)
+
     for k in blocks:
         if before_block is not None:
             before_block(k)
@@ -72,17 +78,13 @@ def train_blocks(
         loss.backward()  # frees block k's graph: the memory saving of local learning happens here
         stats[f"loss/{k}"] = loss.detach()
         if learner.step_order == "per_block":
-            stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
-            if after_step is not None:
-                after_step(k)
+            step(k)
         if logits is not None:
             stats[f"acc/{k}"] = (logits.detach().argmax(1) == batch.y).float().mean()
         h = out.detach()  # the gradient boundary
     if learner.step_order == "after_all":
         for k in blocks:
-            stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
-            if after_step is not None:
-                after_step(k)
+            step(k)
     return stats, h
 
 

@@ -163,23 +163,12 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
-def _rng_state() -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 def _checkpoint_state(
     cfg: RunConfig, learner: LocalLearner, progress: Progress, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    rng = _rng_state()
+    from locallearn.checkpoint import rng_state
+
+    rng = rng_state()
     return {
         "format": 2,
         "config": cfg.to_dict(),
@@ -192,7 +181,7 @@ def _checkpoint_state(
 
 
 def _restore(path: Path, cfg: RunConfig, learner: LocalLearner, runner=None) -> Progress:
-    from locallearn.checkpoint import load_checkpoint
+    from locallearn.checkpoint import load_checkpoint, set_rng_state
 
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != 2 or "progress" not in ckpt:
@@ -204,7 +193,7 @@ def _restore(path: Path, cfg: RunConfig, learner: LocalLearner, runner=None) -> 
             "or start a new run in another --out"
         )
     learner.load_state_dict(ckpt["learner"])
-    _set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     if runner is not None:
         runner.restore(ckpt)
     return Progress(**ckpt["progress"])

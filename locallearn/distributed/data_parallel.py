@@ -36,35 +36,32 @@ from locallearn.distributed.context import DistContext
 from locallearn.errors import UserError
 
 
-def _flat_reduce(tensors: list[Tensor], world: int) -> None:
-    """Average ``tensors`` across ranks in place: one all-reduce per dtype."""
+def _flat_collective(tensors: list[Tensor], collective, divide: int = 1) -> None:
+    """Run ``collective`` (an in-place ``dist`` call on one tensor) over ``tensors`` flattened, one call per dtype,
+    then divide by ``divide`` and copy the results back in place."""
     by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
     for t in tensors:
         by_dtype[t.dtype].append(t)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)  # SUM: gloo has no AVG
-        flat.div_(world)
+        collective(flat)
+        if divide != 1:
+            flat.div_(divide)
         offset = 0
         for t in group:
             n = t.numel()
             t.copy_(flat[offset : offset + n].view(t.shape))
             offset += n
+
+
+def _flat_reduce(tensors: list[Tensor], world: int) -> None:
+    """Average ``tensors`` across ranks in place (SUM, then divide: gloo has no AVG)."""
+    _flat_collective(tensors, dist.all_reduce, divide=world)
 
 
 def _flat_broadcast(tensors: list[Tensor], src: int = 0) -> None:
-    """``tensors`` of rank ``src`` on every rank, in place: one broadcast per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_dtype[t.dtype].append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.broadcast(flat, src=src)
-        offset = 0
-        for t in group:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view(t.shape))
-            offset += n
+    """``tensors`` of rank ``src`` on every rank, in place."""
+    _flat_collective(tensors, lambda flat: dist.broadcast(flat, src=src))
 
 
 def convert_sync_batchnorm(learner: Any, device: torch.device) -> None:

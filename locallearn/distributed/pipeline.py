@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from locallearn.checkpoint import rng_state, set_rng_state
 from locallearn.data import Batch
 from locallearn.distributed.context import DistContext
 from locallearn.engine import eval_blocks, eval_sums
@@ -56,27 +57,13 @@ MAX_IN_FLIGHT = 2  # micro-batches a stage may run ahead of the next one (bounds
 def balance(costs: list[float], stages: int) -> list[int]:
     """First block of stages 1 .. S−1 for contiguous stages minimising the largest stage cost (exact, by dynamic
     programming over the K blocks)."""
-    k = len(costs)
-    if not 1 <= stages <= k:
-        raise UserError(f"{stages} pipeline stages need at least as many blocks, the run has K={k}: raise --K")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (k + 1) for _ in range(stages + 1)]  # best[s][i]: blocks 0..i-1 in s stages
-    cut = [[0] * (k + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, k + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    starts, i = [], k
-    for s in range(stages, 1, -1):
-        i = cut[s][i]
-        starts.append(i)
-    return sorted(starts)
+    from locallearn.memory import balanced_boundaries
+
+    if not 1 <= stages <= len(costs):
+        raise UserError(f"{stages} pipeline stages need at least as many blocks, the run has K={len(costs)}: raise --K")
+    # the splitter's exact min-max partition, with blocks for layers and no auxiliary cost at any cut; the trailing
+    # zero stands for its "classifier" (always in the last part), so the last block may be a stage of its own
+    return balanced_boundaries([*costs, 0.0], [0.0] * (len(costs) + 2), stages)
 
 
 def measure_block_seconds(learner: Any, batch: Batch, steps: int = 2) -> list[float]:
@@ -99,6 +86,14 @@ def measure_block_seconds(learner: Any, batch: Batch, steps: int = 2) -> list[fl
         # train_blocks advanced the step counter once per block; the restore below resets it
     learner.load_state_dict(saved)
     return seconds
+
+
+def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """The dtype every one of ``tensors`` converts to exactly (a layer's parameters travel as one flat message)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def stage_state_keys(learner: Any, blocks: range) -> tuple[list[str], list[str]]:
@@ -229,9 +224,7 @@ class PipelineStage:
 
     def _flat_source(self) -> Tensor:
         params = [p.detach().reshape(-1) for p in self.source.parameters()]
-        dtype = params[0].dtype
-        for p in params[1:]:
-            dtype = torch.promote_types(dtype, p.dtype)
+        dtype = _common_dtype(params)
         return torch.cat([p.to(dtype) for p in params])
 
     def _send_snapshot(self) -> None:
@@ -244,15 +237,17 @@ class PipelineStage:
         # waiting for my next output: waiting on its receive could deadlock)
         self.snapshot_sends = [(w, t) for w, t in self.snapshot_sends if not w.is_completed()]
 
-    def _next_version(self) -> Tensor:
-        if self.pending:
-            return self.pending.pop(0)
-        flat = torch.empty(sum(p.numel() for p in self.replica.parameters()), device=self.learner.device)
-        flat = flat.to(next(self.replica.parameters()).dtype)
+    def _recv_version(self) -> Tensor:
+        """The next parameter version of the next stage's layer, from the wire (the layout of ``_flat_source``)."""
+        params = list(self.replica.parameters())
+        flat = torch.empty(sum(p.numel() for p in params), dtype=_common_dtype(params), device=self.learner.device)
         start = time.perf_counter()
         dist.recv(flat, self.next, tag=TAG_SNAPSHOT)
         self.waits["versions"] += time.perf_counter() - start
         return flat
+
+    def _next_version(self) -> Tensor:
+        return self.pending.pop(0) if self.pending else self._recv_version()
 
     @torch.no_grad()
     def _apply_versions(self, upto: int) -> None:
@@ -273,10 +268,7 @@ class PipelineStage:
         if self.replica is None:
             return
         while self.applied + len(self.pending) < self.learner.step - 1:
-            flat = torch.empty(sum(p.numel() for p in self.replica.parameters()), device=self.learner.device)
-            flat = flat.to(next(self.replica.parameters()).dtype)
-            dist.recv(flat, self.next, tag=TAG_SNAPSHOT)
-            self.pending.append(flat)
+            self.pending.append(self._recv_version())
 
     # -- training ----------------------------------------------------------------------------------------------------
     def _before_block(self, k: int) -> None:
@@ -382,9 +374,7 @@ class PipelineStage:
 
     def pipeline_state(self) -> dict[str, Any]:
         """What a pipelined resume needs beyond the learner: applied and pending parameter versions, RNG state."""
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng = rng_state()
         replica = None if self.replica is None else [p.detach().cpu().clone() for p in self.replica.parameters()]
         return {
             "applied": self.applied,
@@ -415,9 +405,7 @@ class PipelineStage:
         if self.replica is not None and state["replica"] is not None:
             for p, value in zip(self.replica.parameters(), state["replica"]):
                 p.copy_(value)
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
 
     def gather(self) -> list[dict[str, Any]] | None:
         """Every stage's state on rank 0 (a collective: rank 0 sends ``GATHER`` first, see :meth:`collect`)."""

@@ -10,23 +10,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from locallearn.checkpoint import rng_state, set_rng_state
 from locallearn.distributed.context import DistContext
 from locallearn.distributed.data_parallel import DataParallel, gather_to_writer
 from locallearn.distributed.pipeline import PipelineStage
 from locallearn.metrics import fingerprint
 
 log = logging.getLogger("locallearn")
-
-
-def _rng_state() -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
 
 
 class Sequential:
@@ -84,16 +77,14 @@ class DataParallelRun(Sequential):
         return self.dp.agree_stop(signum)
 
     def checkpoint_extra(self, pipeline: Any) -> dict[str, Any]:
-        rngs = gather_to_writer(_rng_state(), self.ctx)
+        rngs = gather_to_writer(rng_state(), self.ctx)
         return {"rng_ranks": rngs, "world": self.ctx.world}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         rngs = ckpt.get("rng_ranks")
         if rngs is not None and len(rngs) == self.ctx.world:
-            torch.set_rng_state(rngs[self.ctx.rank]["torch"])
-            if "cuda" in rngs[self.ctx.rank] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rngs[self.ctx.rank]["cuda"])
-        self.dp.broadcast_state()
+            set_rng_state(rngs[self.ctx.rank])
+        # no broadcast: every rank loaded the same checkpoint
 
     def summary_extra(self) -> dict[str, Any]:
         prints = gather_to_writer((fingerprint(self.learner.model), fingerprint(self.learner.method)), self.ctx)
