@@ -69,7 +69,14 @@ def train_blocks(
         if after_step is not None:
             after_step(k)
 
+    learning = [k for k in blocks if learner.learns(k)]  # a method's phase may train only some blocks
     for k in blocks:
+        if not learning or k > learning[-1]:
+            break  # nothing after the last learning block needs to run
+        if not learner.learns(k):
+            with torch.no_grad(), learner.autocast():  # frozen in this phase (evaluation mode, set by the learner)
+                h = learner.blocks[k](h)
+            continue
         if before_block is not None:
             before_block(k)
         with learner.autocast():
@@ -83,7 +90,7 @@ def train_blocks(
             stats[f"acc/{k}"] = (logits.detach().argmax(1) == batch.y).float().mean()
         h = out.detach()  # the gradient boundary
     if learner.step_order == "after_all":
-        for k in blocks:
+        for k in learning:
             step(k)
     return stats, h
 

@@ -26,7 +26,7 @@ from locallearn.data import Batch, as_batch
 from locallearn.errors import CheckpointError, NonFiniteError, UserError
 from locallearn.feature_heads import canonical_shape
 from locallearn.heads import Shape
-from locallearn.methods import LocalMethod, SetupInfo, create_method
+from locallearn.methods import LocalMethod, Phase, SetupInfo, create_method
 from locallearn.models import LayeredModel, as_layered, describe_split, layout_of, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
 from locallearn.options import AMP, CHECKPOINTING, NONFINITE, STEP_ORDERS
@@ -172,6 +172,8 @@ class LocalLearner:
         self.grad_sync: Callable[[int, torch.optim.Optimizer, Tensor | None], Tensor | None] | None = None
         self.where = ""
         self.eval_reduce: Callable[[Tensor], None] | None = None  # sums evaluation counts across processes
+        self.phase: Phase | None = None  # the method's phase in progress (None: every block learns)
+        self.phase_epoch = 0
         self.input_shape: Shape | None = None
         if input_shape is not None:
             self.build(tuple(input_shape))
@@ -233,7 +235,10 @@ class LocalLearner:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.method.to(memory_format=torch.channels_last)
-        self.optimizers = build_optimizers([self.block_params(k) for k in range(len(self.blocks))], self.optim_cfg)
+        self.optimizers = [  # the method's own optimizer for a block where it has one, else the run's SGD
+            self.method.make_optimizer(k, params, self.optim_cfg) or build_optimizers([params], self.optim_cfg)[0]
+            for k, params in enumerate(self.block_params(k) for k in range(len(self.blocks)))
+        ]
         self.skipped_by_block = [0] * len(self.blocks)
         self._check_param_ownership()
 
@@ -243,7 +248,8 @@ class LocalLearner:
         """Run two dummy images through every layer (eval mode, so BN statistics stay untouched)."""
         was_training = self.model.training
         self.model.eval()
-        h = torch.zeros(2, *self.input_shape, device=self.device)
+        dtype = next((t.dtype for t in self.model.parameters() if t.is_floating_point()), None)  # a float64 model
+        h = torch.zeros(2, *self.input_shape, device=self.device, dtype=dtype)
         layer_shapes, layouts = [], []
         for i, layer in enumerate(self.model.layers):
             h = layer(h)
@@ -291,9 +297,31 @@ class LocalLearner:
         return engine.autocast_context(self.device, self.amp)
 
     def current_lr(self) -> float:
+        """The run's schedule at this step (what a block steps with unless its method sets its own)."""
         if self.total_steps is None:
             return self.optim_cfg.lr
         return lr_at(self.step, self.optim_cfg, self.total_steps, self.steps_per_epoch)
+
+    def block_lrs(self) -> list[float]:
+        """Each block's learning rate for the next step (:meth:`LocalMethod.block_lr`)."""
+        lr = self.current_lr()
+        return [self.method.block_lr(k, lr, self.phase, self.phase_epoch) for k in range(len(self.blocks))]
+
+    def set_phase(self, phase: Phase | None, phase_epoch: int = 0) -> None:
+        """Train only ``phase.learning`` from now on (None: every block); ``phase_epoch`` is the epoch within it,
+        for the method's schedules. See :meth:`LocalMethod.phases`."""
+        if phase is not None:
+            self._require_built("set_phase")
+            bad = [k for k in phase.learning if not 0 <= k < len(self.blocks)]
+            if bad or not phase.learning:
+                raise UserError(
+                    f"phase {phase.name!r} names blocks {list(phase.learning)}: use 0 .. {len(self.blocks) - 1}"
+                )
+        self.phase, self.phase_epoch = phase, phase_epoch
+
+    def learns(self, k: int) -> bool:
+        """Block k learns in the phase in progress."""
+        return self.phase is None or k in self.phase.learning
 
     def train_step(
         self, x: Tensor | Any, y: Tensor | None = None, *, target: Tensor | None = None
@@ -324,9 +352,13 @@ class LocalLearner:
         counter. Returns their statistics and their detached output. A pipeline stage trains its own blocks with
         this (:mod:`locallearn.distributed.pipeline`); :meth:`train_step` trains them all. The hooks run before
         block k's forward and after its optimizer step (see :func:`locallearn.engine.train_blocks`)."""
-        set_lr(self.optimizers, self.current_lr())
+        for opt, lr in zip(self.optimizers, self.block_lrs()):
+            set_lr([opt], lr)
         self.model.train()
         self.method.train()
+        for k, block in enumerate(self.blocks):
+            if not self.learns(k):
+                block.eval()  # a block that does not learn in this phase keeps its BatchNorm statistics too
         stats, out = engine.train_blocks(self, batch, h, blocks, before_block, after_step)
         self.step += 1
         return stats, out

@@ -267,6 +267,11 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
     from locallearn.distributed.context import broadcast_object
     from locallearn.distributed.pipeline import balance, measure_block_seconds
 
+    if learner.method.phases(cfg.train.epochs) is not None:
+        raise UserError(
+            f"--parallel pipeline does not run {learner.method.name}'s phases (a stage would idle while another "
+            "phase trains): use data parallelism (the default under torchrun) or one process"
+        )
     if cfg.dist.sync_bn:
         raise UserError("--dist.sync_bn is for data parallelism; a pipeline stage holds whole batches: leave it off")
     starts = cfg.dist.stages
@@ -331,10 +336,12 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         train_loader.shard(ctx.rank, ctx.world)
         test_loader.shard(ctx.rank, ctx.world)
     steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.train.epochs
+    learner = build_learner(cfg, info, device, None, steps_per_epoch)
+    schedule = epoch_schedule(learner, train_loader, cfg)
+    total_steps = sum(steps for _, _, _, steps in schedule)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    learner = build_learner(cfg, info, device, total_steps, steps_per_epoch)
+    learner.total_steps = total_steps
     if cfg.data.limit_train is not None and cfg.data.name != "synthetic":
         log.warning(
             "training on the first %d examples of %s (--limit-train; 'all' for the full set)",
@@ -386,14 +393,17 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
             return None
         finished = False
         try:
-            while progress.epoch < cfg.train.epochs and learner.step < total_steps:
+            while progress.epoch < len(schedule) and learner.step < total_steps:
+                _enter_epoch(learner, train_loader, schedule[progress.epoch])
                 with memory.window("train"):
-                    _train_epoch(learner, train_loader, progress, total_steps, cfg, store, signals, executor)
-                if progress.batch < steps_per_epoch:
+                    _train_epoch(
+                        learner, train_loader, progress, total_steps, cfg, store, signals, executor, len(schedule)
+                    )
+                if progress.batch < len(train_loader):
                     break  # max_steps reached inside the epoch: that partial epoch is evaluated below
-                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor)
+                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule))
             if progress.batch > 0:  # a run cut short by max_steps mid-epoch still reports that partial epoch
-                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor)
+                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule))
             finished = True
         except Preempted as err:
             executor.finish(err.exit_code - 128)
@@ -442,6 +452,11 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         "git_commit": git_commit(),
         "resumed_from": None if resume_from is None else str(resume_from),
         "skipped_nonfinite_steps": learner.skipped_steps,
+        "phases": [
+            {"name": p.name, "learning": list(p.learning), "epochs": p.epochs, "batch_size": p.batch_size}
+            for p in (learner.method.phases(cfg.train.epochs) or [])
+        ],
+        "method_report": learner.method.report(),
         "parallel": "none",
         **extra,
         "fingerprint": fingerprint(learner.model),
@@ -456,8 +471,48 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     return summary
 
 
+def epoch_schedule(learner: LocalLearner, loader, cfg: RunConfig) -> list[tuple[Any, int, int, int]]:
+    """Every epoch of the run as (phase, epoch within the phase, batch size, steps): the method's phases
+    (:meth:`locallearn.methods.LocalMethod.phases`, each at its own batch size), or ``--epochs`` epochs in which
+    every block learns (phase None). The run's epoch index, its order and its augmentation stay what they are
+    without phases, so a resumed run finds its phase from the checkpoint's epoch alone."""
+    phases = learner.method.phases(cfg.train.epochs)
+    if phases is None:
+        return [(None, e, cfg.train.batch_size, len(loader)) for e in range(cfg.train.epochs)]
+    schedule = []
+    for phase in phases:
+        batch_size = phase.batch_size or cfg.train.batch_size
+        loader.set_batch_size(batch_size)
+        if len(loader) == 0:
+            raise UserError(
+                f"{learner.method.name}'s {phase.name} phase trains at batch {batch_size}, more than the "
+                f"{loader.num_examples} training examples: lower its batch size or raise --limit-train"
+            )
+        schedule += [(phase, e, batch_size, len(loader)) for e in range(phase.epochs)]
+    loader.set_batch_size(schedule[0][2])
+    return schedule
+
+
+def _enter_epoch(learner: LocalLearner, loader, entry: tuple[Any, int, int, int]) -> None:
+    """Set the phase and batch size of the epoch ``entry`` of :func:`epoch_schedule` describes."""
+    phase, phase_epoch, batch_size, _ = entry
+    if phase is None:
+        return
+    if loader.batch_size != batch_size:
+        loader.set_batch_size(batch_size)
+    if learner.phase != phase:
+        log.info(
+            "phase %s: blocks %s learn, batch %d, %d epoch(s)",
+            phase.name,
+            list(phase.learning),
+            batch_size,
+            phase.epochs,
+        )
+    learner.set_phase(phase, phase_epoch)
+
+
 def _train_epoch(
-    learner, loader, progress: Progress, total_steps: int, cfg: RunConfig, store, signals, executor
+    learner, loader, progress: Progress, total_steps: int, cfg: RunConfig, store, signals, executor, epochs: int
 ) -> None:
     """Train the rest of ``progress.epoch`` (from batch ``progress.batch``), checkpointing on the way."""
     loader.set_epoch(progress.epoch, start_batch=progress.batch)
@@ -466,7 +521,7 @@ def _train_epoch(
     left = min(len(loader) - progress.batch, total_steps - learner.step)
     bar = tqdm(
         total=left,
-        desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
+        desc=f"epoch {progress.epoch + 1}/{epochs}",
         disable=not cfg.train.progress or not executor.writer,
         leave=False,
         dynamic_ncols=True,
@@ -524,7 +579,9 @@ def _sync(learner: LocalLearner) -> None:
         torch.cuda.synchronize(learner.device)
 
 
-def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig, out: Path, store, executor) -> None:
+def _end_epoch(
+    learner, test_loader, progress: Progress, memory, cfg: RunConfig, out: Path, store, executor, epochs: int
+) -> None:
     """Evaluate, append the epoch's row to ``metrics.jsonl`` and checkpoint the epoch's end."""
     with memory.window("eval"):
         report = executor.evaluate(test_loader)
@@ -541,6 +598,8 @@ def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig,
         **report,
         "train_seconds": seconds,
         "images_per_second": seen / max(seconds, 1e-9),
+        **({"phase": learner.phase.name} if learner.phase is not None else {}),
+        **learner.method.report(),
     }
     progress.history.append(row)
     progress.train_images += seen
@@ -551,13 +610,35 @@ def _end_epoch(learner, test_loader, progress: Progress, memory, cfg: RunConfig,
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
     blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
     log.info(
-        "epoch %d/%d step %d  train loss %.4f  test acc %.4f  blocks [%s]  %.0f img/s",
+        "epoch %d/%d step %d  train loss %s  test acc %.4f  blocks [%s]  %.0f img/s",
         row["epoch"],
-        cfg.train.epochs,
+        epochs,
         learner.step,
-        train_stats.get(f"loss/{len(learner.blocks) - 1}", 0.0),
+        f"{last_loss:.4f}" if (last_loss := train_stats.get(f"loss/{len(learner.blocks) - 1}")) is not None else "-",
         report["test_accuracy"],
         blocks,
         row["images_per_second"],
     )
+    method_report = learner.method.report()
+    if method_report:
+        log.info("  %s", describe_report(method_report))
     _save(store, cfg, learner, progress, executor, executor.last_pipeline)
+
+
+def describe_report(report: dict[str, float]) -> str:
+    """``hebb1 |w| 13.1 [6.7, 21.3] 0 converged`` from a method's report keys ``LAYER/norm_mean`` etc.; other keys as
+    ``name=value``."""
+    layers: dict[str, dict[str, float]] = {}
+    rest = []
+    for key, value in report.items():
+        layer, _, stat = key.partition("/")
+        if stat in ("norm_mean", "norm_min", "norm_max", "converged"):
+            layers.setdefault(layer, {})[stat] = value
+        else:
+            rest.append(f"{key}={value:.4g}")
+    parts = [
+        f"{layer} |w| {s['norm_mean']:.3g} [{s['norm_min']:.3g}, {s['norm_max']:.3g}] {int(s['converged'])} converged"
+        for layer, s in layers.items()
+        if len(s) == 4
+    ]
+    return "; ".join(parts + rest)

@@ -17,7 +17,7 @@ from locallearn import LocalLearner, create_model
 from locallearn.cli import main
 from locallearn.distributed.pipeline import balance, measure_block_seconds, stage_state_keys
 from locallearn.durable import verify
-from locallearn.methods import METHODS
+from locallearn.methods import any_model_methods
 from locallearn.metrics import fingerprint
 from tests.conftest import make_batches
 
@@ -90,7 +90,7 @@ def test_balance_minimises_the_slowest_stage():
         balance([1.0, 2.0], 3)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS.names()))
+@pytest.mark.parametrize("method", sorted(any_model_methods()))
 def test_every_state_key_belongs_to_exactly_one_block(method):
     k = 1 if method == "e2e" else 4
     learner = LocalLearner(create_model("resnet20", num_classes=10, in_channels=1), method, k, input_shape=(1, 16, 16))

@@ -9,10 +9,10 @@ from torch.nn import functional as F
 
 from locallearn import LocalLearner, OptimConfig, create_model, lr_at
 from locallearn.errors import UserError
-from locallearn.methods import METHODS
+from locallearn.methods import any_model_methods
 from tests.conftest import make_batches
 
-LOCAL_METHODS = [m for m in METHODS.names() if m != "e2e"]
+LOCAL_METHODS = [m for m in any_model_methods() if m != "e2e"]
 
 
 def make_learner(method="dgl", k=3, shape=(1, 28, 28), arch="resnet20", **kw):
@@ -172,7 +172,7 @@ def test_the_schedule_reaches_every_optimizer():
     assert all(g["lr"] == expected for opt in learner.optimizers for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", any_model_methods())
 def test_state_dict_round_trip_continues_identically(method):
     batches = make_batches(4)
     k = 1 if method == "e2e" else 3

@@ -13,7 +13,7 @@ from locallearn.data import DataConfig, build_data, default_eval_batch_size
 from locallearn.errors import UserError
 from locallearn.heads import Decoder, UpsamplingDecoder
 from locallearn.measure import estimated_step_bytes, measure_steps
-from locallearn.methods import METHODS
+from locallearn.methods import any_model_methods
 from locallearn.metrics import MemoryWindow
 
 MiB = 2**20
@@ -139,7 +139,7 @@ def test_infopro_picks_imagenet_auxiliary_nets_for_large_inputs_and_says_so():
     assert "as configured" in chosen.aux_summary
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", any_model_methods())
 def test_every_method_trains_on_normalised_plain_tensors(method):
     torch.manual_seed(0)
     x = (torch.rand(4, 3, 16, 16) - 0.5) / 0.25  # values outside [0, 1], as a normalising loader gives

@@ -10,7 +10,7 @@ from locallearn import LocalLearner, create_model
 from locallearn.errors import UserError
 from locallearn.heads import conv_fc_head
 from locallearn.losses import supcon_loss
-from locallearn.methods import METHODS
+from locallearn.methods import any_model_methods
 from tests.conftest import make_batches
 
 MAN_METHODS = ["dgl+man", "infopro+man", "man++", "dgl+man++"]
@@ -178,7 +178,7 @@ def test_head_grammar():
         conv_fc_head("3x", (16, 8, 8), 10, 64)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS.names() if m != "e2e"])
+@pytest.mark.parametrize("method", [m for m in any_model_methods() if m != "e2e"])
 def test_inference_ignores_every_auxiliary_part(method):
     learner = learner_for(method)
     batch = make_batches(1, shape=(1, 16, 16))[0]
@@ -211,7 +211,7 @@ def test_infopro_heads_use_the_reference_init_unless_asked(method):
         learner_for(method, options={"head_init": "xavier"})
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", any_model_methods())
 def test_every_method_trains_under_bf16_autocast(method):
     """``--amp bf16``: finite losses, and every conv weight of the backbone moves (losses that need float32 are cast
     up; CUDA's refusal of binary_cross_entropy under autocast cannot be exercised on CPU)."""

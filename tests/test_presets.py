@@ -25,7 +25,14 @@ def test_preset_builds(name):
     info = INFO.get(d.name) or synthetic_info(d.image_size, d.in_channels, d.num_classes)
     channels = cfg.data.channels or info.in_channels
     size = cfg.data.pad_to or (cfg.data.crop_size if d.name == "imagenet" else info.image_size[0])
-    model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=channels)
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.arch.startswith("softhebb"):  # sized by the input; the widest (ImageNet: 340M weights) cut 16x here,
+        from locallearn.models.softhebb import PRESETS  # which changes no block boundary
+
+        specs = PRESETS[cfg.model.arch][0][: kwargs.get("layers")]
+        kwargs.setdefault("widths", [max(1, s.channels // 16) for s in specs])
+        kwargs["image_size"] = size
+    model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=channels, **kwargs)
     learner = LocalLearner(
         model,
         cfg.train.method,

@@ -8,10 +8,10 @@ import torch
 from locallearn import LocalLearner, create_model, recompute
 from locallearn.errors import UserError
 from locallearn.memory import balanced_boundaries, estimate_peak, head_costs, layer_costs, split_cost
-from locallearn.methods import METHODS
+from locallearn.methods import any_model_methods
 from tests.conftest import make_batches
 
-LOCAL_METHODS = [m for m in METHODS.names() if m != "e2e"]
+LOCAL_METHODS = [m for m in any_model_methods() if m != "e2e"]
 
 
 def trained_state(method, checkpointing, k=3, steps=2):

@@ -186,6 +186,14 @@ class FolderLoader:
         self.epoch = epoch
         self.batches.sampler.skip = start_batch * self.batch_size
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """Batches of ``batch_size`` from the next epoch on (see :meth:`InMemoryLoader.set_batch_size`)."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}: pass a positive batch size")
+        self.batch_size = self.batches.batch_size = batch_size
+        if self.batches.world > 1:
+            self.shard(self.batches.rank, self.batches.world)
+
     def shard(self, rank: int, world: int) -> None:
         """Yield only rank ``rank``'s part of every batch (data-parallel training; see
         :meth:`InMemoryLoader.shard`)."""

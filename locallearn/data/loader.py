@@ -152,6 +152,15 @@ class InMemoryLoader:
             )
         self.rank, self.world = rank, world
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """Batches of ``batch_size`` from the next epoch on (a method's phases may train at their own batch size);
+        under sharding it must still split evenly over the processes."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}: pass a positive batch size")
+        self.batch_size = batch_size
+        if self.world > 1:
+            self.shard(self.rank, self.world)
+
     def __len__(self) -> int:
         """Number of batches per epoch."""
         n = self.num_examples

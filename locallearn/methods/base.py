@@ -11,6 +11,17 @@ Data flow for one batch (the engine runs it; a method never calls ``backward`` o
 A method owns the auxiliary networks (``nn.Module`` attributes of the method) and says which of its parameters each
 block's optimizer steps (``block_params``). Adding a method means one new file in ``locallearn/methods/`` holding a
 config dataclass and a ``LocalMethod`` subclass decorated with ``@register_method``.
+
+What a method may take over from the engine, each a general hook with a default that changes nothing:
+
+* ``make_optimizer(k, params, optim)`` and ``block_lr(k, lr, phase, phase_epoch)``: block k's own optimizer and
+  schedule (SoftHebb: a plain Hebbian step for its layers, Adam with a step schedule for its classifier);
+* ``phases(epochs)``: stretches of the run in which only some blocks learn, each with its length and batch size
+  (SoftHebb's unsupervised phase, then the classifier's); a block outside the learning set runs in evaluation mode
+  without gradients, and blocks after the last learning one do not run;
+* :class:`ForwardTaps`: the inputs and outputs of any module inside a block during its training forward, when a
+  loss needs more than the block's output (SoftHebb: its convolution's input and pre-activation u);
+* ``report()``: numbers to log at every epoch's end (SoftHebb: filter-norm statistics per layer).
 """
 
 from __future__ import annotations
@@ -86,6 +97,54 @@ class SetupInfo:
         return self.layouts[self.bounds[k] - 1 if k < len(self.bounds) else len(self.layouts) - 1]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a run in which only the blocks in ``learning`` learn (see :meth:`LocalMethod.phases`).
+
+    Attributes:
+        name: shown in the run log and the metrics ("hebbian", "classifier").
+        learning: indices of the blocks that learn; the others keep their weights and run in evaluation mode.
+        epochs: length in epochs of the training data.
+        batch_size: batch size of this phase; None: the run's ``--batch-size``.
+    """
+
+    name: str
+    learning: tuple[int, ...]
+    epochs: int
+    batch_size: int | None = None
+
+
+class ForwardTaps:
+    """The last input and output of watched modules, recorded during training forwards with gradients enabled.
+
+    ``taps.watch("conv0", module)`` registers a forward hook; ``taps.pop("conv0")`` returns ``(input, output)`` of the
+    module's last such forward and forgets it (so nothing outlives the block's step). The tensors are those autograd
+    keeps for the backward pass anyway: recording them costs no memory. Evaluation forwards are not recorded."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Tensor, Tensor]] = {}
+        self._handles: list[Any] = []
+
+    def watch(self, key: str, module: nn.Module) -> None:
+        def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
+            if mod.training and torch.is_grad_enabled():
+                self._seen[key] = (args[0], output)
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def pop(self, key: str) -> tuple[Tensor, Tensor]:
+        try:
+            return self._seen.pop(key)
+        except KeyError:
+            raise RuntimeError(f"no training forward of {key!r} was recorded before its loss") from None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+
 class LocalOutput(NamedTuple):
     loss: Tensor
     logits: Tensor | None  # classifier output of this block's head, for the per-block accuracy; None if it has none
@@ -103,6 +162,7 @@ class LocalMethod(nn.Module):
     recompute_aux: bool = False  # set by LocalLearner(checkpointing="aux"): see aux_segment
     aux_summary: str | None = None  # one line for the run log on what build_aux chose (and why), if anything
     uses_raw: bool = False  # its losses read ``batch.raw`` (the [0, 1] images): a pipeline stage then sends them on
+    any_model: bool = True  # trains any classifier cut into blocks (False: only its own architectures, e.g. SoftHebb)
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()
@@ -121,6 +181,25 @@ class LocalMethod(nn.Module):
     def block_params(self, k: int) -> list[nn.Parameter]:
         """The method's trainable parameters that block k's optimizer owns (its auxiliary net)."""
         return []
+
+    def make_optimizer(self, k: int, params: list[nn.Parameter], optim: Any) -> torch.optim.Optimizer | None:
+        """Block k's optimizer over ``params`` (its block's and its auxiliary net's), or None for the run's default
+        (SGD from ``optim``, an :class:`locallearn.optim.OptimConfig`)."""
+        return None
+
+    def block_lr(self, k: int, lr: float, phase: Phase | None, phase_epoch: int) -> float:
+        """Learning rate of block k's optimizer for the next step, given the run's schedule value ``lr``, the phase in
+        progress (None: the run has no phases) and the epoch within it (0-based)."""
+        return lr
+
+    def phases(self, epochs: int) -> list[Phase] | None:
+        """The run's phases, given its ``--epochs``; None (the default): one phase of ``epochs`` in which every block
+        learns at the run's batch size."""
+        return None
+
+    def report(self) -> dict[str, float]:
+        """Numbers about the method's state for the log and the metrics at the end of every epoch."""
+        return {}
 
     # -- training ------------------------------------------------------------------------------------------------
     def local_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:

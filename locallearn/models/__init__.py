@@ -6,6 +6,7 @@ from locallearn.errors import UserError
 from locallearn.models import (  # noqa: F401  (importing registers the architectures)
     resnet_cifar,  # resnet20/32/56/110
     resnet_imagenet,  # resnet18/34/50/101/152, resnext101_32x8d
+    softhebb,  # softhebb1/2/3, softhebb-stl4, softhebb-imagenet5
     vgg,  # vgg13
 )
 from locallearn.models.external import as_layered, create_external, layout_of
@@ -22,9 +23,15 @@ def create_model(
     ``num_classes`` and ``in_channels``; ``image_size`` and ``kwargs`` go to timm's constructor)."""
     if ":" in name:
         return create_external(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
-    if kwargs:
-        raise UserError(f"{name} takes no constructor options ({', '.join(kwargs)}): they are for torchvision:/timm:")
-    return MODELS.create(name, num_classes=num_classes, in_channels=in_channels)
+    factory = MODELS.get(name)
+    allowed = getattr(factory, "options", ())
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        takes = f"takes only {', '.join(allowed)}" if allowed else "takes no constructor options"
+        raise UserError(f"{name} {takes} (got {', '.join(unknown)}); other options are for torchvision:/timm:")
+    if getattr(factory, "sized", False):
+        kwargs["image_size"] = image_size if image_size is not None else 32
+    return MODELS.create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 __all__ = [

@@ -125,6 +125,12 @@ def _cut_to_boundary(model: LayeredModel, cut: Cut) -> int:
     return indices[block] + 1
 
 
+def _cuttable(model: LayeredModel) -> int:
+    """Layers the splitter deals into blocks: the feature layers, and the classifier too where the model allows it
+    to be a block of its own (``classifier_block``: a SoftHebb network's linear classifier on frozen features)."""
+    return model.num_layers() - (0 if getattr(model, "classifier_block", False) else 1)
+
+
 def resolve_split(model: LayeredModel, split: str | list[str], k: int | None) -> list[int]:
     """Return the boundaries for ``split`` (a splitter, a named preset, or module names to cut after) with ``k``
     blocks.
@@ -132,7 +138,7 @@ def resolve_split(model: LayeredModel, split: str | list[str], k: int | None) ->
     Raises:
         UserError: unknown split name, a preset without this arch or K, or K outside 1..(number of feature layers).
     """
-    num_features = model.num_layers() - 1
+    num_features = _cuttable(model)
     names = _module_names(model, split)
     if names is not None:
         bounds = boundaries_after_modules(model, names)
@@ -166,7 +172,7 @@ def resolve_split(model: LayeredModel, split: str | list[str], k: int | None) ->
 
 
 def _too_many_blocks(model: LayeredModel, k: int) -> str:
-    num_features = model.num_layers() - 1
+    num_features = _cuttable(model)
     plan = getattr(model, "plan", None)
     if plan is None:
         return (
@@ -214,8 +220,9 @@ def boundaries_after_modules(model: LayeredModel, names: list[str]) -> list[int]
 
 
 def check_boundaries(model: LayeredModel, bounds: list[int]) -> None:
-    """Boundaries must be strictly increasing in ``[1, L-2]`` so every block is non-empty and ends on a feature."""
-    last = model.num_layers() - 2
+    """Boundaries must be strictly increasing in ``[1, L-2]`` so every block is non-empty and ends on a feature
+    (``[1, L-1]`` where the classifier may be a block of its own)."""
+    last = _cuttable(model) - 1
     if any(b < 1 or b > last for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
         raise UserError(f"invalid boundaries {bounds} for {model.arch}: they must increase strictly within 1..{last}")
 
