@@ -131,6 +131,10 @@ def test_triangle_has_finite_gradients_for_end_to_end_backprop():
     learner = LocalLearner(model, "e2e", input_shape=(1, 12, 12))  # the backprop control through the same widths
     stats = learner.train_step(torch.rand(16, 1, 12, 12), torch.randint(0, 10, (16,)))
     assert torch.isfinite(stats["loss/0"])
+    relu = create_model("softhebb2", in_channels=1, image_size=12, widths=[6, 8], activation="relu", radius=1.0)
+    assert isinstance(relu.layers[1].act, torch.nn.ReLU) and isinstance(relu.layers[1].pre, torch.nn.Identity)
+    with pytest.raises(UserError, match="activation"):
+        create_model("softhebb2", activation="tanh")
 
 
 RUN = [

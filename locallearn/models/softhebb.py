@@ -169,7 +169,9 @@ def make_pool(spec: str) -> nn.Module:
 class SoftHebbBlock(nn.Module):
     """BatchNorm (no affine) → SoftHebb conv → [Triangle(1)] → Triangle(p) → pool: one Hebbian layer."""
 
-    def __init__(self, in_channels: int, spec: HebbLayerSpec, power_lr: float, radius: float) -> None:
+    def __init__(
+        self, in_channels: int, spec: HebbLayerSpec, power_lr: float, radius: float, activation: str = "triangle"
+    ) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels, affine=False)
         self.conv = HebbConv2d(
@@ -182,8 +184,9 @@ class SoftHebbBlock(nn.Module):
             radius=radius,
             pre_triangle=spec.pre_triangle,
         )
-        self.pre = Triangle(1.0) if spec.pre_triangle else nn.Identity()
-        self.act = Triangle(spec.p)
+        relu = activation == "relu"  # the paper's backprop baseline: ReLU nets of the same widths
+        self.pre = Triangle(1.0) if spec.pre_triangle and not relu else nn.Identity()
+        self.act = nn.ReLU() if relu else Triangle(spec.p)
         self.pool = make_pool(spec.pool)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,6 +215,7 @@ def softhebb_net(
     layers: int | None = None,
     radius: float = 25.0,
     dropout: float | None = None,
+    activation: str = "triangle",
 ) -> LayeredModel:
     """A SoftHebb network of ``preset`` for inputs of ``in_channels`` × ``image_size``.
 
@@ -222,7 +226,11 @@ def softhebb_net(
             "Net B"); applied before ``widths``.
         radius: initial filter norm r0.
         dropout: the classifier's dropout, replacing the preset's.
+        activation: "triangle" (the paper's Triangle(p)) or "relu" (its end-to-end backprop baseline, with
+            ``radius=1``: Triangle's powers above 1 and filters at norm 25 make plain SGD diverge).
     """
+    if activation not in ("triangle", "relu"):
+        raise UserError(f"activation={activation!r}: use triangle or relu")
     specs, preset_dropout, power_lr = PRESETS[preset]
     if layers is not None:
         if not isinstance(layers, int) or not 1 <= layers <= len(specs):
@@ -242,7 +250,7 @@ def softhebb_net(
     layers: list[nn.Module] = []
     channels = in_channels
     for spec in specs:
-        layers.append(SoftHebbBlock(channels, spec, power_lr, radius))
+        layers.append(SoftHebbBlock(channels, spec, power_lr, radius, activation))
         channels = spec.channels
     with torch.no_grad():  # the classifier's width: one probe of the Hebbian layers (eval: BN stays untouched)
         probe = nn.Sequential(*layers).eval()
@@ -269,4 +277,4 @@ def hebbian_convs(model: nn.Module) -> list[HebbConv2d]:
 for _name in PRESETS:
     _factory = MODELS.register(_name)(lambda _n=_name, **kw: softhebb_net(_n, **kw))
     _factory.sized = True  # create_model passes image_size: the classifier's width depends on it
-    _factory.options = ("widths", "layers", "radius", "dropout")  # constructor options create_model passes through
+    _factory.options = ("widths", "layers", "radius", "dropout", "activation")  # what create_model passes through
