@@ -452,9 +452,9 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         "git_commit": git_commit(),
         "resumed_from": None if resume_from is None else str(resume_from),
         "skipped_nonfinite_steps": learner.skipped_steps,
-        "phases": [
+        "phases": [  # each phase once, in order (the schedule has one entry per epoch)
             {"name": p.name, "learning": list(p.learning), "epochs": p.epochs, "batch_size": p.batch_size}
-            for p in (learner.method.phases(cfg.train.epochs) or [])
+            for p in dict.fromkeys(phase for phase, _, _, _ in schedule if phase is not None)
         ],
         "method_report": learner.method.report(),
         "parallel": "none",
@@ -621,24 +621,5 @@ def _end_epoch(
     )
     method_report = learner.method.report()
     if method_report:
-        log.info("  %s", describe_report(method_report))
+        log.info("  %s", learner.method.describe_report(method_report))
     _save(store, cfg, learner, progress, executor, executor.last_pipeline)
-
-
-def describe_report(report: dict[str, float]) -> str:
-    """``hebb1 |w| 13.1 [6.7, 21.3] 0 converged`` from a method's report keys ``LAYER/norm_mean`` etc.; other keys as
-    ``name=value``."""
-    layers: dict[str, dict[str, float]] = {}
-    rest = []
-    for key, value in report.items():
-        layer, _, stat = key.partition("/")
-        if stat in ("norm_mean", "norm_min", "norm_max", "converged"):
-            layers.setdefault(layer, {})[stat] = value
-        else:
-            rest.append(f"{key}={value:.4g}")
-    parts = [
-        f"{layer} |w| {s['norm_mean']:.3g} [{s['norm_min']:.3g}, {s['norm_max']:.3g}] {int(s['converged'])} converged"
-        for layer, s in layers.items()
-        if len(s) == 4
-    ]
-    return "; ".join(parts + rest)

@@ -201,6 +201,10 @@ class LocalMethod(nn.Module):
         """Numbers about the method's state for the log and the metrics at the end of every epoch."""
         return {}
 
+    def describe_report(self, report: dict[str, float]) -> str:
+        """One log line for :meth:`report`'s numbers."""
+        return " ".join(f"{key}={value:.4g}" for key, value in report.items())
+
     # -- training ------------------------------------------------------------------------------------------------
     def local_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
         """Loss of block k given its output ``h``; the engine calls ``backward`` on it."""

@@ -238,5 +238,10 @@ class SoftHebb(LocalMethod):
             out[f"hebb{k + 1}/converged"] = int(((norms - 1).abs() < CONVERGED).sum())
         return out
 
-    def block_state(self, k: int) -> list[nn.Module | nn.Parameter]:
-        return []  # no auxiliary nets: all state is in the blocks
+    def describe_report(self, report: dict[str, float]) -> str:
+        """``hebb1 |w| 13.1 [6.7, 21.3] 0 converged; hebb2 ...``"""
+        return "; ".join(
+            f"hebb{k} |w| {report[f'hebb{k}/norm_mean']:.3g} [{report[f'hebb{k}/norm_min']:.3g}, "
+            f"{report[f'hebb{k}/norm_max']:.3g}] {int(report[f'hebb{k}/converged'])} converged"
+            for k in range(1, len(self.convs) + 1)
+        )
