@@ -1,7 +1,5 @@
 """``python -m locallearn`` (and ``torchrun -m locallearn``): the command-line interface."""
 
-import sys
+from locallearn.cli import entry
 
-from locallearn.cli import main
-
-sys.exit(main())
+entry()

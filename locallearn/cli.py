@@ -166,10 +166,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from locallearn.runner import train
 
     cfg = build_config(args, overrides)
+    ended = False
     try:
         summary = train(cfg)
+        ended = True
     finally:
-        shutdown()
+        shutdown(wait_for_peers=ended)
     if summary is not None:  # under torchrun only rank 0 has one
         _print_summary(summary)
 
@@ -350,5 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``locallearn`` command and ``python -m locallearn``: :func:`main`, then the exit status."""
+    code = main()
+    from locallearn.distributed.context import exit_process, launched
+
+    if launched():  # a rank of a distributed run: leave without finalisation (exit_process says why)
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

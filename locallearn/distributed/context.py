@@ -100,7 +100,34 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shutdown() -> None:
-    """Leave the process group (when one was made); safe to call twice."""
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group (when one was made); safe to call twice.
+
+    ``wait_for_peers`` (after a run that ended normally on every rank) first meets every rank at a barrier, so that no
+    rank closes its connections while a peer still has the last collective in flight. Not after an error: a dead peer
+    would hold the barrier for the whole ``--dist.timeout_s``.
+    """
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a distributed process with ``code`` without the interpreter's finalisation.
+
+    Gloo's C++ threads can still be torn down during finalisation and abort the process with SIGABRT ("terminate
+    called without an active exception") after all its work is done: once in CI and once in 48 resumed 2-rank CPU runs here
+    (torch 2.14.1), the failure pytorch/pytorch#179291 describes. Every file a run writes is closed (and written
+    atomically) before this point, so the logs and standard streams are flushed and the process leaves with
+    ``os._exit``; torchrun then sees the real exit status instead of -6.
+    """
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code)
