@@ -117,9 +117,9 @@ def exit_process(code: int) -> None:
     """End a distributed process with ``code`` without the interpreter's finalisation.
 
     Gloo's C++ threads can still be torn down during finalisation and abort the process with SIGABRT ("terminate
-    called without an active exception") after all its work is done: once in CI and once in 48 resumed 2-rank CPU runs here
-    (torch 2.14.1), the failure pytorch/pytorch#179291 describes. Every file a run writes is closed (and written
-    atomically) before this point, so the logs and standard streams are flushed and the process leaves with
+    called without an active exception") after all its work is done: once in CI and once in 48 resumed 2-rank CPU
+    runs here (torch 2.14.1), the failure pytorch/pytorch#179291 describes. Every file a run writes is closed (and
+    written atomically) before this point, so the logs and standard streams are flushed and the process leaves with
     ``os._exit``; torchrun then sees the real exit status instead of -6.
     """
     import sys
