@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 from locallearn.errors import UserError
 from locallearn.options import AMP, CHECKPOINTING, STEP_ORDERS
@@ -176,6 +178,33 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         _print_summary(summary)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from locallearn.report import terminal_summary
+    from locallearn.sweep import expand, load_grid, sweep
+
+    grid = load_grid(args.grid)
+    out = Path(args.out)
+    if args.dry_run:
+        for trial in expand(grid):
+            done = (out / "runs" / trial.name / "summary.json").is_file()
+            print(f"{'done' if done else 'todo'}  {trial.name}  ({trial.label}, seed {trial.seed})")
+        return
+    results = sweep(grid, out, jobs=args.jobs)
+    print(terminal_summary([out / "runs" / r["run"] for r in results]))
+    print(f"report: {out / 'report.md'}")
+
+
+def cmd_report(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from locallearn.report import terminal_summary, write_report
+
+    paths = [Path(p) for p in args.runs]
+    out = Path(args.out or "report")
+    command = "locallearn " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    write_report(paths, out, title=args.title, command=command)
+    print(terminal_summary(paths))
+    print(f"report: {out / 'report.md'}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from locallearn.checkpoint import evaluate_checkpoint
 
@@ -253,6 +282,9 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("datasets: ", ", ".join(DATASETS.names()))
     print("splits:   ", ", ".join(split_names()))
     print("presets:  ", ", ".join(preset_names()))
+    from locallearn.sweep import grid_names
+
+    print("grids:    ", ", ".join(grid_names()), "(locallearn sweep NAME --out DIR)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,6 +359,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="train nothing: pool the results.json of earlier compare runs (e.g. one seed per process) into one table",
     )
+    p_sweep = sub.add_parser(
+        "sweep",
+        help="run a grid of configurations (GRID.yaml) one after another; a stopped sweep resumes; ends with a report",
+        description="Run every configuration of a grid file (see locallearn.sweep: base, set, grid, exclude, seeds, "
+        "runs) as its own `locallearn train`, skipping finished runs and continuing stopped ones from their "
+        "checkpoints, then write DIR/report.md.",
+    )
+    p_sweep.add_argument("grid", help="a grid YAML file, or a packaged grid name (e.g. parity)")
+    p_sweep.add_argument("--out", required=True, help="directory for configs/, runs/, logs/, results.json, report.md")
+    p_sweep.add_argument("--jobs", type=int, default=None, help="runs at once, one per GPU (default: one per GPU, 1)")
+    p_sweep.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished); train nothing")
+    p_report = sub.add_parser("report", help="markdown report with plots from run directories (or a sweep's --out)")
+    p_report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
+    p_report.add_argument("-o", "--out", help="directory for report.md and its PNGs (default: ./report)")
+    p_report.add_argument("--title", default="locallearn report")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -341,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_bench(args, rest, argv)
         elif args.command == "compare":
             cmd_compare(args, argv)
+        elif args.command == "sweep":
+            cmd_sweep(args)
+        elif args.command == "report":
+            cmd_report(args, argv)
         else:
             cmd_list(args)
     except UserError as err:  # one line; the exit status says which kind (locallearn.errors)

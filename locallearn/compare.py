@@ -10,6 +10,9 @@ machine. Two suites:
   uses for that K (so the true block count can differ: MAN's "K=16" is 15 blocks, AugLocal's K=16/d=2 is 14), under
   one stated schedule.
 
+Each suite is a grid of :mod:`locallearn.sweep` (:func:`suite_grid`): every run is its own process, and running the
+same command again after a stop skips the finished runs and continues the stopped one from its checkpoint.
+
 ``--merge`` trains nothing: it joins the ``results.json`` of earlier runs of the command (say one seed per process,
 run side by side, or one per machine session) into one table, naming each source's command.
 """
@@ -29,9 +32,10 @@ from typing import Any
 
 import torch
 
-from locallearn.config import RunConfig, apply_overrides, load_yaml
+from locallearn.config import parse_value
 from locallearn.errors import UserError
-from locallearn.runner import atomic_write, git_commit, train
+from locallearn.runner import atomic_write, git_commit
+from locallearn.sweep import Entry, Grid, sweep
 
 log = logging.getLogger("locallearn")
 
@@ -106,22 +110,27 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, CPU only"
 
 
-def run_suite(rows: list[Row], seeds: list[int], common: list[str], out: Path) -> list[dict[str, Any]]:
-    results = []
+def suite_grid(rows: list[Row], seeds: list[int], common: list[str], name: str) -> Grid:
+    """A suite as a sweep grid (one named configuration per row, crossed with the seeds): compare runs through
+    :func:`locallearn.sweep.sweep`, so a stopped comparison resumes and skips the runs it finished."""
+    shared = {"train.save_checkpoint": False}
+    for item in common:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} needs a value: write SECTION.KEY=VALUE")
+        shared[key] = parse_value(text)
+    entries = []
     for row in rows:
-        for seed in seeds:
-            cfg = RunConfig()
-            for preset in row.presets:
-                load_yaml(cfg, preset)
-            apply_overrides(cfg, [*common, *row.overrides, f"train.seed={seed}"])
-            slug = "".join(c if c.isalnum() else "-" for c in row.name.lower())[:40].strip("-")
-            cfg.train.out = str(out / "runs" / f"{slug}-s{seed}")
-            cfg.train.overwrite, cfg.train.progress, cfg.train.save_checkpoint = True, False, False
-            log.info("== %s, seed %d", row.name, seed)
-            summary = train(cfg)
-            results.append({"row": row.name, "reference": row.reference, **summary})
-            atomic_write(out / "results.json", json.dumps(results, indent=1))
-    return results
+        overrides = {}
+        for item in row.overrides:
+            key, _, text = item.partition("=")
+            overrides[key] = parse_value(text)
+        entries.append(Entry(row.name, list(row.presets), overrides, {"reference": row.reference}))
+    return Grid(set=shared, seeds=list(seeds), runs=entries, source=f"compare suite {name}")
+
+
+def run_suite(rows: list[Row], seeds: list[int], common: list[str], out: Path, name: str) -> list[dict[str, Any]]:
+    return sweep(suite_grid(rows, seeds, common, name), out)
 
 
 def fmt_acc(values: list[float]) -> str:
@@ -168,7 +177,7 @@ def compare(
     if only:
         rows = [r for r in rows if any(word in r.name for word in only)]
     start = time.time()
-    results = run_suite(rows, seeds, common, out)
+    results = run_suite(rows, seeds, common, out, suite)
     header = [
         f"Command: `{command}`",
         "",

@@ -22,6 +22,9 @@ def test_compare_writes_a_table(tmp_path, capsys):
             "methods",
             "--K",
             "2",
+            "--rows",
+            "E2E",
+            "auglocal",
             "--seeds",
             "0",
             "1",
@@ -40,7 +43,8 @@ def test_compare_writes_a_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results) == 2 * 7  # e2e + six local methods, two seeds each
+    assert len(results) == 2 * 2  # e2e and auglocal (one of six local methods), two seeds each
+    assert [r["seed"] for r in results] == [0, 1, 0, 1] and {r["method"] for r in results} == {"e2e", "auglocal"}
     table = (tmp_path / "table.md").read_text()
     assert table in out and "| auglocal, K=2 (even: 2 blocks) | 2 |" in table and " ± " in table
 

@@ -1,0 +1,419 @@
+"""``locallearn report RUN_DIR… [-o DIR]``: a markdown report with plots from any set of run directories.
+
+A run directory is what ``locallearn train`` writes (``config.yaml``, ``metrics.jsonl``, ``summary.json``); a
+directory that holds run directories below it (a sweep's ``--out``, a ``compare`` output) stands for all of them.
+Runs are grouped into configurations by their resolved config less the seed and the fields that only say where they
+ran (:func:`locallearn.sweep.result_view`); a configuration's label names the fields that differ between the
+configurations of the report (the method first), so any set of runs gets readable labels without naming them.
+
+The report (``report.md`` and PNGs in ``-o``, the table also printed):
+
+* ``accuracy_per_epoch.png`` — test accuracy against epoch, one line per configuration (mean over seeds, band ±1 sd),
+  E2E dashed;
+* ``block_accuracy.png`` — each block's auxiliary-head test accuracy after the last epoch against block index (mean,
+  ±1 sd bars): how separability grows through the network; E2E's final accuracy as a reference line;
+* ``accuracy_vs_memory.png`` — final test accuracy against the runs' peak memory;
+* a table: test accuracy mean ± sd over seeds, per seed, peak memory, throughput; and for every base method B with a
+  B+MAN configuration equal in all else, the share of B's gap to E2E that MAN closes,
+  (acc(B+MAN) − acc(B)) / (acc(E2E) − acc(B)), as the MAN paper reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from locallearn.errors import UserError
+from locallearn.runner import atomic_write
+from locallearn.sweep import result_view
+
+log = logging.getLogger("locallearn")
+
+PLOT_SIZE = (9.0, 4.5)  # inches; at PLOT_DPI: 1080 × 540 pixels (the legend sits right of the axes)
+PLOT_DPI = 120
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    epochs: list[dict[str, Any]]
+    label: str | None = None  # the configuration's label in the sweep that made the run (its grid.json), if any
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["train"]["seed"])
+
+    @property
+    def method(self) -> str:
+        return str(self.config["train"]["method"])
+
+
+@dataclass
+class Group:
+    """The runs of one configuration (its seeds)."""
+
+    view: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    def final(self) -> list[float]:
+        return [r.summary["test_accuracy"] for r in self.runs if r.summary.get("test_accuracy") is not None]
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The run directories at or below ``paths`` (a directory with ``summary.json``), in a stable order."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"{path} is not a directory: give run directories or a sweep's --out")
+        if (path / "summary.json").is_file():
+            found.append(path)
+            continue
+        below = sorted(p.parent for p in path.rglob("summary.json") if (p.parent / "config.yaml").is_file())
+        if not below:
+            raise UserError(f"{path} holds no finished run (no summary.json at or below it): has it finished?")
+        found += below
+    return list(dict.fromkeys(found))
+
+
+def load_run(path: Path) -> Run:
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot read summary.json / config.yaml ({err}): is it a locallearn run?") from None
+    epochs = []
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return Run(path, config, summary, epochs, _sweep_label(path))
+
+
+def _sweep_label(path: Path) -> str | None:
+    """A sweep writes ``grid.json`` beside ``runs/``: the label it gave this run's configuration."""
+    grid = path.parent.parent / "grid.json"
+    if path.parent.name != "runs" or not grid.is_file():
+        return None
+    try:
+        trials = json.loads(grid.read_text())["trials"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next((t.get("label") for t in trials if isinstance(t, dict) and t.get("name") == path.name), None)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and prefix.count(".") < 1:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs with the same config but the seed, in first-seen order, labelled by what tells them apart."""
+    groups: list[Group] = []
+    for run in runs:
+        view = result_view(run.config)
+        view["train"].pop("seed", None)
+        for group in groups:
+            if group.view == view:
+                group.runs.append(run)
+                break
+        else:
+            groups.append(Group(view, [run]))
+    flats = [_flat(g.view) for g in groups]
+    keys = sorted({k for f in flats for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+    varying.sort(key=lambda k: (k != "train.method", k))
+    for group, flat in zip(groups, flats):
+        group.label = _derived_label(flat, varying) or group.method
+        named = {r.label for r in group.runs}
+        if len(named) == 1 and None not in named:  # the sweep's own name for it (e.g. a compare row)
+            group.label = named.pop()
+    if len({g.label for g in groups}) < len(groups):  # two sweeps used one name: the derived labels then
+        for group, flat in zip(groups, flats):
+            group.label = _derived_label(flat, varying) or group.method
+    return groups
+
+
+def _derived_label(flat: dict[str, Any], varying: list[str]) -> str:
+    """The method bare, then ``name=value`` for every other field that differs between the report's configurations."""
+    return ", ".join(
+        str(flat.get(k)) if k == "train.method" else f"{k.split('.')[-1]}={_text(flat.get(k))}" for k in varying
+    )
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_text(v)}" for k, v in value.items()) or "{}"
+    return str(value)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt_acc(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, sd = _mean_sd([100 * v for v in values])
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {sd:.2f}"
+
+
+def _e2e_for(group: Group, groups: list[Group]) -> Group | None:
+    """The E2E configuration to compare ``group`` with: the E2E group that shares the most fields with it."""
+    candidates = [g for g in groups if g.method == "e2e" and g.final()]
+    if not candidates:
+        return None
+    mine = _flat(group.view)
+    return max(candidates, key=lambda g: sum(_flat(g.view).get(k) == v for k, v in mine.items()))
+
+
+def gap_closed(groups: list[Group]) -> list[str]:
+    """For every B+MAN configuration whose config equals a B configuration's but for the method: the share of B's gap
+    to E2E that MAN closes, on the seed means and per seed (seeds that all three have)."""
+    lines = []
+    for man in groups:
+        if not man.method.endswith("+man") or not man.final():
+            continue
+        base_method = man.method.removesuffix("+man")
+        want = json.loads(json.dumps(man.view))
+        want["train"]["method"] = base_method
+        base = next((g for g in groups if g.view == want and g.final()), None)
+        e2e = _e2e_for(man, groups)
+        if base is None or e2e is None:
+            continue
+        accs = [{r.seed: r.summary["test_accuracy"] for r in g.runs} for g in (e2e, base, man)]
+        seeds = sorted(set(accs[0]) & set(accs[1]) & set(accs[2]))
+        if not seeds:
+            continue
+        e, b, m = (statistics.mean(a[s] for s in seeds) for a in accs)
+        per_seed = ", ".join(_share(accs[0][s], accs[1][s], accs[2][s]) for s in seeds)
+        lines.append(
+            f"- **{man.label}** closes {_share(e, b, m)} of **{base.label}**'s gap to **{e2e.label}** "
+            f"({100 * b:.2f} → {100 * m:.2f} % against {100 * e:.2f} %; seeds {seeds}; per seed: {per_seed})."
+        )
+    return lines
+
+
+def _share(e2e: float, base: float, man: float) -> str:
+    return f"{100 * (man - base) / (e2e - base):.0f} %" if e2e != base else "– (no gap)"
+
+
+def table(groups: list[Group]) -> str:
+    lines = [
+        "| configuration | blocks | seeds | test acc % (mean ± sd) | per seed | best epoch % | peak memory MiB "
+        "| train img/s | wall min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        accs = g.final()
+        best = [r.summary.get("best_test_accuracy") for r in g.runs if r.summary.get("best_test_accuracy") is not None]
+        peak = max((r.summary.get("peak_memory_bytes") or 0) for r in g.runs) / 2**20
+        rate = statistics.mean(r.summary.get("images_per_second") or 0.0 for r in g.runs)
+        wall = statistics.mean(r.summary.get("wall_seconds") or 0.0 for r in g.runs) / 60
+        lines.append(
+            f"| {g.label} | {g.runs[0].summary.get('K', '?')} | {len(g.runs)} | {fmt_acc(accs)} "
+            f"| {' / '.join(f'{100 * a:.2f}' for a in accs) or '–'} | {fmt_acc(best)} | {peak:.0f} | {rate:.0f} "
+            f"| {wall:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# -- plots -------------------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed (servers, CI)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(group: Group, index: int) -> dict[str, Any]:
+    if group.method == "e2e":
+        return {"color": "black", "linestyle": "--", "linewidth": 2}
+    return {"color": f"C{index % 10}", "linestyle": "-", "linewidth": 1.6}
+
+
+def plot_accuracy_per_epoch(groups: list[Group], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    for i, g in enumerate(groups):
+        curves = [[row["test_accuracy"] for row in r.epochs] for r in g.runs if r.epochs]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)  # epochs that every seed has
+        means = [statistics.mean(100 * c[e] for c in curves) for e in range(n)]
+        sds = [statistics.stdev([100 * c[e] for c in curves]) if len(curves) > 1 else 0.0 for e in range(n)]
+        x = list(range(1, n + 1))
+        style = _style(g, i)
+        ax.plot(x, means, marker="o", markersize=3, label=f"{g.label} (n={len(curves)})", **style)
+        if len(curves) > 1:
+            ax.fill_between(x, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
+                            color=style["color"], alpha=0.15, linewidth=0)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy per epoch (mean over seeds, band ±1 sd)")
+    ax.grid(alpha=0.3)
+    _finish(ax, integer_x=True)
+    _save(fig, path)
+
+
+def plot_block_accuracy(groups: list[Group], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    for i, g in enumerate(groups):
+        rows = [r.summary.get("block_accuracies") or [] for r in g.runs]
+        rows = [row for row in rows if row]
+        if g.method == "e2e":
+            if g.final():
+                ax.axhline(100 * statistics.mean(g.final()), label=f"{g.label} (final)", **_style(g, i))
+            continue
+        if not rows:
+            continue
+        k = min(len(row) for row in rows)
+        xs, means, sds = [], [], []
+        for b in range(k):
+            values = [100 * row[b] for row in rows if row[b] is not None]
+            if values:
+                xs.append(b + 1)
+                means.append(statistics.mean(values))
+                sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        if xs:
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=g.label, **_style(g, i))
+    ax.set_xlabel("block (1 = nearest the input)")
+    ax.set_ylabel("head test accuracy after the last epoch (%)")
+    ax.set_title("Auxiliary-head accuracy through the network (mean over seeds, ±1 sd)")
+    ax.grid(alpha=0.3)
+    _finish(ax, integer_x=True)
+    _save(fig, path)
+
+
+def plot_accuracy_vs_memory(groups: list[Group], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    kinds = set()
+    for i, g in enumerate(groups):
+        accs = [100 * a for a in g.final()]
+        peaks = [(r.summary.get("peak_memory_bytes") or 0) / 2**20 for r in g.runs]
+        kinds |= {r.summary.get("peak_memory_kind") for r in g.runs}
+        if not accs:
+            continue
+        mean, sd = _mean_sd(accs)
+        style = _style(g, i)
+        ax.errorbar([statistics.mean(peaks)], [mean], yerr=[sd], marker="D" if g.method == "e2e" else "o",
+                    capsize=3, color=style["color"], linestyle="none", label=g.label)  # fmt: skip
+    kind = ", ".join(sorted(str(k) for k in kinds if k)) or "peak memory"
+    ax.set_xlabel(f"peak memory (MiB; {kind})")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("Accuracy against memory (mean over seeds, ±1 sd)")
+    ax.grid(alpha=0.3)
+    _finish(ax, integer_x=False)
+    _save(fig, path)
+
+
+def _finish(ax, integer_x: bool) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    if integer_x:  # epochs and block indices
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=PLOT_DPI, format="png")
+    _pyplot().close(fig)
+    tmp.replace(path)
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+PLOTS = {
+    "accuracy_per_epoch.png": plot_accuracy_per_epoch,
+    "block_accuracy.png": plot_block_accuracy,
+    "accuracy_vs_memory.png": plot_accuracy_vs_memory,
+}
+
+
+def write_report(paths: list[Path], out: Path, title: str = "locallearn report", command: str | None = None) -> str:
+    """Read the runs at or below ``paths``, write ``out/report.md`` and its PNGs, and return the markdown."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    groups = group_runs(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, plot in PLOTS.items():
+        plot(groups, out / name)
+    first = runs[0].summary
+    devices = sorted({str(r.summary.get("device_name", "?")) for r in runs})
+    commits = sorted({str(r.summary.get("git_commit") or "unknown")[:12] for r in runs})
+    effect = gap_closed(groups)
+    data = {(r.config["data"]["name"], r.config["model"]["arch"]) for r in runs}
+    lines = [
+        f"# {title}",
+        "",
+        *([f"Command: `{command}`", ""] if command else []),
+        f"{len(runs)} runs in {len(groups)} configurations; "
+        + "; ".join(f"{name} on {arch}" for name, arch in sorted(data))
+        + f". Device: {', '.join(devices)}; torch {first.get('torch', '?')}; git {', '.join(commits)}.",
+        "",
+        table(groups),
+        "",
+        *effect,
+        *([""] if effect else []),
+        "Test accuracy is the final epoch's (mean ± sd over seeds); best epoch is the best epoch's per run, averaged. "
+        f"Peak memory is {first.get('peak_memory_kind', 'as each run measured it')} (the largest over seeds); "
+        "img/s counts training only and is a speed figure only when the runs had the machine to themselves.",
+        "",
+        "## Test accuracy per epoch",
+        "",
+        "![test accuracy per epoch](accuracy_per_epoch.png)",
+        "",
+        "## Auxiliary-head accuracy against depth",
+        "",
+        "![head accuracy per block](block_accuracy.png)",
+        "",
+        "## Accuracy against memory",
+        "",
+        "![accuracy against peak memory](accuracy_vs_memory.png)",
+        "",
+        "## Runs",
+        "",
+        *[
+            f"- `{r.path}` ({label_of(r, groups)}, seed {r.seed}): {100 * (r.summary.get('test_accuracy') or 0):.2f} %"
+            for r in runs
+        ],  # fmt: skip
+        "",
+    ]
+    text = "\n".join(lines)
+    atomic_write(out / "report.md", text)
+    log.info("report: %s (%d runs, %d configurations)", out / "report.md", len(runs), len(groups))
+    return text
+
+
+def label_of(run: Run, groups: list[Group]) -> str:
+    return next(g.label for g in groups if run in g.runs)
+
+
+def terminal_summary(paths: list[Path]) -> str:
+    """The table and the gap lines only (what ``locallearn report`` prints)."""
+    groups = group_runs([load_run(p) for p in find_runs(paths)])
+    return "\n".join([table(groups), *gap_closed(groups)])
