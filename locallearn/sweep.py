@@ -14,7 +14,9 @@ A grid file says what every run shares and what varies::
       - {train.method: e2e, train.K: 4}
     seeds: [0, 1]                      # each configuration once per seed (train.seed)
 
-Instead of (or crossed with) ``grid``, ``runs`` lists named configurations, each with its own ``base`` and ``set``
+A field's value replaces the base's; ``method: {...}`` replaces the whole set of method options (``method: {}``
+clears them) and ``method.NAME: value`` sets one. Instead of (or crossed with) ``grid``, ``runs`` lists named
+configurations, each with its own ``base`` and ``set``
 (how ``locallearn compare``'s suites are written: :func:`locallearn.compare.suite_grid`).
 
 Every run is its own ``locallearn train`` process (so its peak memory is its own, and a crash ends only that run)
@@ -239,7 +241,7 @@ def _set(cfg: RunConfig, key: str, value: Any, source: str) -> None:
     if key == "method":
         if not isinstance(value, dict):
             raise UserError(f"{source}: method must be a mapping of method options")
-        cfg.method = {**cfg.method, **value}
+        cfg.method = dict(value)  # the whole option set (``{}`` clears a base's options, e.g. for --method e2e)
         return
     if key.startswith("method."):
         cfg.method = {**cfg.method, key.split(".", 1)[1]: value}

@@ -173,3 +173,19 @@ def test_every_packaged_grid_expands_into_valid_runs():
         trials = expand(load_grid(name))
         assert trials and len({t.name for t in trials}) == len(trials)
     assert len(expand(load_grid("fashion_mnist_methods"))) == 10  # (e2e + dgl × 2 K + dgl+man × 2 K) × 2 seeds
+
+
+def test_method_options_are_replaced_by_a_mapping_and_set_one_by_one_when_dotted():
+    grid = parse_grid(
+        {
+            "base": ["softhebb/fashion_mnist_cpu"],
+            "runs": [
+                {"name": "hebb", "set": {"method.hebbian": "off"}},
+                {"name": "bp", "set": {"train.method": "e2e", "method": {}}},
+            ],
+        },
+        "g.yaml",
+    )
+    hebb, bp = expand(grid)
+    assert hebb.cfg.method["hebbian"] == "off" and hebb.cfg.method["hebbian_batch_size"] == 10  # the base's kept
+    assert bp.cfg.method == {} and bp.cfg.train.method == "e2e"
