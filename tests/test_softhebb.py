@@ -110,6 +110,21 @@ def test_in_simultaneous_mode_the_classifier_learns_while_the_control_leaves_heb
     assert not torch.equal(model.layers[-1].fc.weight, fc)
 
 
+def test_the_papers_random_baseline_has_no_hebbian_pass_and_leaves_batchnorm_at_its_init():
+    model, learner = _tiny(hebbian="none")
+    phases = learner.method.phases(2)
+    assert [(p.name, p.learning) for p in phases] == [("classifier", (2,))]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    learner.set_phase(phases[0])
+    learner.train_step(torch.rand(10, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (10,)))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed == {"layers.2.fc.weight", "layers.2.fc.bias"}
+    bn = model.layers[0].bn
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and torch.equal(
+        bn.running_var, torch.ones_like(bn.running_var)
+    )
+
+
 def test_classifier_step_schedule_and_refusals():
     assert [step_lr(1.0, e, 10) for e in (0, 9)] == [1.0, 1.0]
     assert [step_lr(1.0, e, 20) for e in (9, 10, 15)] == [1.0, 0.5, 0.25]

@@ -32,7 +32,9 @@ Phases (``mode``): ``consecutive`` (default; the authors' README and ``demo.py``
 
 Controls (``shared/reference/softhebb.md`` §7): ``hebbian="off"`` runs the same phases with the weights left at their
 random initialisation (norm r0) — BatchNorm still learns its statistics from the same pass, so the comparison is of
-the rule alone; ``--method e2e`` on the same architecture is end-to-end backprop through the same widths.
+the rule alone; ``hebbian="none"`` is the paper's own Random baseline, which never runs the Hebbian blocks in
+training mode, so it has neither learned weights nor learned input normalisation; ``--method e2e`` on the same
+architecture is end-to-end backprop through the same widths.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ from locallearn.methods.base import (
 )
 from locallearn.models.softhebb import PRESETS, HebbClassifier, HebbConv2d, SoftHebbBlock, triangle
 
+CONTROLS = {
+    "off": "; OFF: random-initialisation control (BatchNorm statistics from the Hebbian pass)",
+    "none": "; NONE: the paper's Random baseline (no Hebbian pass; BatchNorm at mean 0 / var 1)",
+}
 CONVERGED = 1e-2  # |‖w‖ − 1| under which a filter counts as converged ("R1 features" of the authors' logs)
 
 
@@ -64,7 +70,9 @@ class SoftHebbConfig(MethodConfig):
     """Options of ``--method softhebb`` (``--method.NAME=VALUE``).
 
     Attributes:
-        hebbian: "on", or "off" for the random-initialisation control (same phases, weights never change).
+        hebbian: "on"; "off" for the random-initialisation control (same phases, weights never change, BatchNorm
+            learns its statistics from the Hebbian pass); "none" for the paper's Random column (no Hebbian pass at
+            all: BatchNorm keeps mean 0 / variance 1, ``shared/reference/softhebb.md`` §3).
         softness: "anti" (soft WTA with the anti-Hebbian sign for non-winners: the paper's presets) or "soft".
         mode: "consecutive", "successive" or "simultaneous" (module docstring).
         hebbian_epochs: epochs of each Hebbian phase (the paper: 1).
@@ -148,7 +156,7 @@ class SoftHebb(LocalMethod):
     def setup(self, info: SetupInfo) -> None:
         cfg = self.config
         for name, value, choices in (
-            ("hebbian", cfg.hebbian, ("on", "off")),
+            ("hebbian", cfg.hebbian, ("on", "off", "none")),
             ("softness", cfg.softness, ("anti", "soft")),
             ("mode", cfg.mode, ("consecutive", "successive", "simultaneous")),
             ("classifier_schedule", cfg.classifier_schedule, ("step", "constant")),
@@ -166,7 +174,7 @@ class SoftHebb(LocalMethod):
         self.aux_summary = (
             f"softhebb: {cfg.mode} phases; {layers} learn by the soft-WTA Hebbian rule "
             f"({'anti-Hebbian' if cfg.softness == 'anti' else 'soft, no anti-Hebbian sign'}"
-            f"{'; OFF: random-initialisation control' if cfg.hebbian == 'off' else ''}), the classifier by Adam "
+            f"{CONTROLS.get(cfg.hebbian, '')}), the classifier by Adam "
             f"lr {cfg.classifier_lr:g} ({cfg.classifier_schedule} schedule); --lr, --momentum and --weight-decay are "
             "not used"
         )
@@ -211,6 +219,8 @@ class SoftHebb(LocalMethod):
     def phases(self, epochs: int) -> list[Phase]:
         cfg, hebbian = self.config, tuple(range(self.num_blocks - 1))
         classifier = Phase("classifier", (self.num_blocks - 1,), epochs)
+        if cfg.hebbian == "none":  # the paper's Random column: no Hebbian pass, so BatchNorm keeps mean 0 / var 1
+            return [classifier]
         if cfg.mode == "simultaneous":
             return [Phase("simultaneous", (*hebbian, self.num_blocks - 1), epochs)]
         if cfg.mode == "successive":
