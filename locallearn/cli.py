@@ -42,6 +42,8 @@ TRAIN_FLAGS = {
     "checkpoint_every": "train.checkpoint_every",
     "amp": "train.amp",
     "step_order": "train.step_order",
+    "tensorboard": "train.tensorboard",
+    "log_every": "train.log_every",
     "parallel": "dist.parallel",
     "staleness": "dist.staleness",
 }
@@ -108,6 +110,19 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "path of a checkpoint",
     )
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default 0: at epoch ends)")
+    from locallearn.options import TENSORBOARD  # torch-free, like the choices above
+
+    p.add_argument(
+        "--tensorboard",
+        choices=TENSORBOARD,
+        help="event files in OUT/tensorboard/ (default auto: when the tensorboard package is installed; on: required)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        metavar="N",
+        help="TensorBoard: per-step scalars every N training steps (default 50; 0: epoch ends only)",
+    )
     p.add_argument(
         "--parallel",
         choices=["auto", "none", "data", "pipeline"],

@@ -21,6 +21,7 @@ import yaml
 from locallearn.data import DataConfig
 from locallearn.errors import UserError
 from locallearn.optim import OptimConfig
+from locallearn.options import TENSORBOARD
 
 
 @dataclass
@@ -73,6 +74,9 @@ class TrainConfig:
     overwrite: allow writing into a non-empty run directory.
     save_checkpoint: write checkpoint.pt at the end.
     progress: show a progress bar.
+    tensorboard: TensorBoard event files in <out>/tensorboard/ (locallearn.tensorboard_log): "auto" (when the
+        ``tensorboard`` package imports), "on" (an error without it) or "off".
+    log_every: also write the per-step TensorBoard scalars every this many training steps (0: epoch ends only).
     """
 
     method: str = "dgl"
@@ -99,6 +103,8 @@ class TrainConfig:
     overwrite: bool = False
     save_checkpoint: bool = True
     progress: bool = True
+    tensorboard: str = "auto"
+    log_every: int = 50
 
 
 @dataclass
@@ -275,12 +281,13 @@ _POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train
              "data.synthetic_train_size", "data.synthetic_test_size", "data.crop_size", "data.pad_to",
              "data.channels", "train.malloc_mmap_threshold")  # fmt: skip
 _NON_NEGATIVE = ("train.seed", "train.checkpoint_every", "data.workers", "dist.staleness", "optim.weight_decay",
-                 "optim.warmup_epochs")  # fmt: skip
+                 "optim.warmup_epochs", "train.log_every")  # fmt: skip
 _CHOICES = {
     "train.step_order": ("per_block", "after_all"),
     "train.amp": ("none", "bf16"),
     "train.checkpointing": ("none", "stage", "aux", "stage+aux"),
     "train.nonfinite": ("stop", "skip", "off"),
+    "train.tensorboard": TENSORBOARD,
     "optim.schedule": ("cosine", "constant"),
     "optim.schedule_unit": ("step", "epoch"),
     "dist.parallel": ("auto", "none", "data", "pipeline"),

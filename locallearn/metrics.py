@@ -115,12 +115,16 @@ class MemoryReport:
     On CPU each window resets the kernel's peak-RSS mark (VmHWM), which the kernel also reports to the parent at exit:
     ``/usr/bin/time`` then shows only the peak since the last reset. ``process_peak`` folds in every mark before it is
     reset, so it is the lifetime peak (checked from outside by sampling: ``benchmarks/peak_rss.py``).
+
+    ``last[kind]`` is the peak of the most recent window of that kind: an epoch's own peak is
+    ``max(last["train"], last["eval"])`` once its evaluation has run (the per-epoch TensorBoard scalar).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.before_training = memory_in_use(device)
         self.peaks: dict[str, int] = {"train": 0, "eval": 0}
+        self.last: dict[str, int] = {"train": 0, "eval": 0}
         self.growth: dict[str, int | None] = {"train": 0, "eval": 0}
         self.process_peak = process_peak_memory(device)  # what building the model, data and learner took
 
@@ -135,6 +139,7 @@ class MemoryReport:
         yield
         peak, growth = window.close()
         self.peaks[kind] = max(self.peaks[kind], peak)
+        self.last[kind] = peak
         self.process_peak = max(self.process_peak, process_peak_memory(self.device))
         old = self.growth[kind]
         self.growth[kind] = None if growth is None or old is None else max(old, growth)

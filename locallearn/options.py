@@ -24,3 +24,7 @@ AMP: tuple[str, ...] = ("none", "bf16")
 
 NONFINITE = ("stop", "skip", "off")
 """What a non-finite block loss or gradient does (``LocalLearner(nonfinite=...)``, ``--train.nonfinite``)."""
+
+TENSORBOARD = ("auto", "on", "off")
+"""TensorBoard event files (``--tensorboard``, :mod:`locallearn.tensorboard_log`): "auto" writes them when the
+``tensorboard`` package imports, "on" requires it, "off" never writes them."""

@@ -1,8 +1,10 @@
 """A whole training run from a :class:`RunConfig`: data → model → learner → epochs → run directory.
 
-The run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
-``checkpoint.pt`` and ``summary.json``. Every file is written atomically (temporary file, then rename), so a run
-that fails half-way never leaves a truncated file behind.
+The run directory holds ``run.json`` (how and where the run was started, each start of a resumed run appended:
+:mod:`locallearn.provenance`), ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
+``tensorboard/`` (event files, :mod:`locallearn.tensorboard_log`), ``checkpoint.pt`` and ``summary.json``. Every file
+but the event files is written atomically (temporary file, then rename), so a run that fails half-way never leaves a
+truncated file behind.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
 from locallearn.learner import LocalLearner
 from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
 from locallearn.models import create_model
+from locallearn.provenance import start_record, write_run_record
+from locallearn.tensorboard_log import NullLog, open_log, wanted
 
 log = logging.getLogger("locallearn")
 
@@ -108,7 +112,7 @@ def build_learner(
 RESUMABLE_DIFFERENCES = {
     "train.resume", "train.out", "train.overwrite", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.device", "train.malloc_mmap_threshold", "data.data_dir", "data.workers",
-    "data.download", "dist.timeout_s",
+    "data.download", "dist.timeout_s", "train.tensorboard", "train.log_every",
 }  # fmt: skip
 """Config fields a resumed run may change: where and how it runs, not what it computes."""
 
@@ -305,6 +309,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     Under torchrun (``cfg.dist``, docs/distributed.md) every rank calls this; rank 0 writes and returns the summary,
     the other ranks return None.
     """
+    started = datetime.now()
     validate(cfg)
     device = resolve_device(cfg.train.device)
     if cfg.train.deterministic:
@@ -318,6 +323,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         device = ctx.device
         quiet_unless_writer(ctx)
     writer = ctx is None or ctx.is_writer
+    tensorboard = wanted(cfg.train.tensorboard, announce=writer)  # "on" without the package fails here, before work
     if cfg.train.malloc_mmap_threshold is not None and not set_mmap_threshold(cfg.train.malloc_mmap_threshold):
         log.warning("malloc_mmap_threshold has no effect here: the C library is not glibc")
     if cfg.train.checkpoint_every < 0:
@@ -367,6 +373,9 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         log.info("resumed at step %d (epoch %d, batch %d)", learner.step, progress.epoch + 1, progress.batch)
     if writer:
         dump_yaml(cfg, out / "config.yaml")
+        resumed = {"resumed_from": None if resume_from is None else str(resume_from), "resumed_at_step": learner.step}
+        start = start_record(started, git_commit(), device=str(device), **resumed)
+        write_run_record(out, start, append=bool(cfg.train.resume))  # a rerun with --resume keeps earlier starts
     log.info(
         "run %s: %s on %s, %s, K=%d on %s%s",
         out,
@@ -385,6 +394,10 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     wall_start = time.perf_counter()
     memory = MemoryReport(device)
     signals = _Signals(["SIGTERM", "SIGINT"] + (["SIGUSR1"] if cfg.train.stop_on_sigusr1 else []))
+    tb = NullLog()
+    if tensorboard and writer:
+        resumed_step = learner.step if resume_from is not None else None
+        tb = open_log(out, cfg.train.log_every, resumed_step, required=cfg.train.tensorboard == "on")
     try:
         if mode == "pipeline" and not writer:
             signum = executor.serve()  # stages > 0 follow rank 0's commands until it stops them
@@ -397,13 +410,13 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
                 _enter_epoch(learner, train_loader, schedule[progress.epoch])
                 with memory.window("train"):
                     _train_epoch(
-                        learner, train_loader, progress, total_steps, cfg, store, signals, executor, len(schedule)
+                        learner, train_loader, progress, total_steps, cfg, store, signals, executor, len(schedule), tb
                     )
                 if progress.batch < len(train_loader):
                     break  # max_steps reached inside the epoch: that partial epoch is evaluated below
-                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule))
+                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule), tb)
             if progress.batch > 0:  # a run cut short by max_steps mid-epoch still reports that partial epoch
-                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule))
+                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule), tb)
             finished = True
         except Preempted as err:
             executor.finish(err.exit_code - 128)
@@ -420,6 +433,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         ) from None
     finally:
         signals.restore()
+        tb.close()  # flushed and closed whatever ended the run (an error, a signal, a lost peer)
     _, peak_kind = peak_memory(device)
     log.info("memory: %s", memory.describe())
     history = progress.history
@@ -512,7 +526,16 @@ def _enter_epoch(learner: LocalLearner, loader, entry: tuple[Any, int, int, int]
 
 
 def _train_epoch(
-    learner, loader, progress: Progress, total_steps: int, cfg: RunConfig, store, signals, executor, epochs: int
+    learner,
+    loader,
+    progress: Progress,
+    total_steps: int,
+    cfg: RunConfig,
+    store,
+    signals,
+    executor,
+    epochs: int,
+    tb: NullLog | None = None,
 ) -> None:
     """Train the rest of ``progress.epoch`` (from batch ``progress.batch``), checkpointing on the way."""
     loader.set_epoch(progress.epoch, start_batch=progress.batch)
@@ -528,6 +551,7 @@ def _train_epoch(
     )
     start = time.perf_counter()
     every = cfg.train.checkpoint_every
+    tb = tb or NullLog()
 
     def bank() -> None:  # move the epoch's time and running sums into progress (before a save, at the end)
         _sync(learner)
@@ -539,6 +563,7 @@ def _train_epoch(
             break
         stats = executor.train_step(batch)
         means.update(stats)
+        tb.train_step(learner, stats)  # every --log-every steps
         progress.batch += 1
         progress.epoch_seen += batch.y.numel() * executor.images_factor
         bar.update(1)
@@ -550,6 +575,7 @@ def _train_epoch(
         if (every and learner.step % every == 0 and progress.batch < len(loader)) or received:
             _add_sums(means.sums, executor.collect())
             bank()
+            tb.flush()  # every event up to this checkpoint is on disk before it is
             _save(store, cfg, learner, progress, executor, executor.last_pipeline)
             start = time.perf_counter()  # the save's time is not training time
         if received:
@@ -580,9 +606,19 @@ def _sync(learner: LocalLearner) -> None:
 
 
 def _end_epoch(
-    learner, test_loader, progress: Progress, memory, cfg: RunConfig, out: Path, store, executor, epochs: int
+    learner,
+    test_loader,
+    progress: Progress,
+    memory,
+    cfg: RunConfig,
+    out: Path,
+    store,
+    executor,
+    epochs: int,
+    tb: NullLog | None = None,
 ) -> None:
-    """Evaluate, append the epoch's row to ``metrics.jsonl`` and checkpoint the epoch's end."""
+    """Evaluate, append the epoch's row to ``metrics.jsonl`` (and its scalars to TensorBoard) and checkpoint the
+    epoch's end."""
     with memory.window("eval"):
         report = executor.evaluate(test_loader)
     _add_sums(progress.epoch_sums, executor.collect())
@@ -590,6 +626,7 @@ def _end_epoch(
     means.sums, means.count = progress.epoch_sums, progress.epoch_count
     train_stats = means.means()
     seen, seconds = progress.epoch_seen, progress.epoch_seconds
+    method_report = learner.method.report()
     row = {
         "epoch": progress.epoch + 1,
         "step": learner.step,
@@ -599,7 +636,7 @@ def _end_epoch(
         "train_seconds": seconds,
         "images_per_second": seen / max(seconds, 1e-9),
         **({"phase": learner.phase.name} if learner.phase is not None else {}),
-        **learner.method.report(),
+        **method_report,
     }
     progress.history.append(row)
     progress.train_images += seen
@@ -608,6 +645,8 @@ def _end_epoch(
     progress.epoch_seen, progress.epoch_seconds, progress.epoch_sums, progress.epoch_count = 0, 0.0, {}, 0
     if executor.writer:
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
+    tb = tb or NullLog()
+    tb.end_epoch(row, method_report, max(memory.last["train"], memory.last["eval"]))
     blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
     log.info(
         "epoch %d/%d step %d  train loss %s  test acc %.4f  blocks [%s]  %.0f img/s",
@@ -619,7 +658,7 @@ def _end_epoch(
         blocks,
         row["images_per_second"],
     )
-    method_report = learner.method.report()
     if method_report:
         log.info("  %s", learner.method.describe_report(method_report))
+    tb.flush()  # every event up to this checkpoint is on disk before it is
     _save(store, cfg, learner, progress, executor, executor.last_pipeline)
