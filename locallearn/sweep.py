@@ -50,11 +50,10 @@ import yaml
 
 from locallearn.config import RunConfig, load_yaml, set_field, validate
 from locallearn.errors import UserError
-from locallearn.runner import atomic_write
+from locallearn.runner import RESUMABLE_DIFFERENCES, atomic_write
 
 log = logging.getLogger("locallearn")
 
-WHERE_TO_RUN = {"out", "resume", "overwrite", "progress", "device"}  # train.* fields that do not change a result
 GRID_KEYS = {"base", "set", "grid", "exclude", "seeds", "runs", "name"}
 
 
@@ -255,10 +254,12 @@ def _set(cfg: RunConfig, key: str, value: Any, source: str) -> None:
 
 
 def result_view(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config without the fields that say where and how a run ran (out, resume, …): what decides its result."""
+    """The config without the fields that say where and how a run ran (``runner.RESUMABLE_DIFFERENCES``: out, resume,
+    device, checkpointing cadence, logging, …): what decides its result."""
     view = copy.deepcopy(cfg_dict)
-    for key in WHERE_TO_RUN:
-        view.get("train", {}).pop(key, None)
+    for dotted in RESUMABLE_DIFFERENCES:
+        section, _, key = dotted.partition(".")
+        view.get(section, {}).pop(key, None)
     return view
 
 
