@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import statistics
 import time
@@ -34,6 +33,7 @@ import torch
 
 from locallearn.config import parse_value
 from locallearn.errors import UserError
+from locallearn.provenance import cpu_model
 from locallearn.runner import atomic_write, git_commit
 from locallearn.sweep import Entry, Grid, sweep
 
@@ -99,15 +99,7 @@ def method_rows(ks: list[int], protocol: str = "default") -> list[Row]:
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, CPU only"
+    return f"{cpu_model()}, {os.cpu_count()} cores, CPU only"
 
 
 def suite_grid(rows: list[Row], seeds: list[int], common: list[str], name: str) -> Grid:
