@@ -46,6 +46,7 @@ class Run:
     summary: dict[str, Any]
     epochs: list[dict[str, Any]]
     label: str | None = None  # the configuration's label in the sweep that made the run (its grid.json), if any
+    machine: str = "?"
 
     @property
     def seed(self) -> int:
@@ -98,7 +99,19 @@ def load_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
         epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return Run(path, config, summary, epochs, _sweep_label(path))
+    return Run(path, config, summary, epochs, _sweep_label(path), _machine(path, summary))
+
+
+def _machine(path: Path, summary: dict[str, Any]) -> str:
+    """The device a run trained on, with the CPU's name and cores from its ``run.json`` when it has one."""
+    device = str(summary.get("device_name", "?"))
+    try:
+        start = json.loads((path / "run.json").read_text())["starts"][-1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return device
+    if device == "cpu" and start.get("cpu"):
+        return f"{start['cpu']} ({start.get('cpu_count', '?')} cores, {start.get('torch_threads', '?')} threads)"
+    return device
 
 
 def _sweep_label(path: Path) -> str | None:
@@ -363,7 +376,7 @@ def write_report(paths: list[Path], out: Path, title: str = "locallearn report",
     for name, plot in PLOTS.items():
         plot(groups, out / name)
     first = runs[0].summary
-    devices = sorted({str(r.summary.get("device_name", "?")) for r in runs})
+    devices = sorted({r.machine for r in runs})
     commits = sorted({str(r.summary.get("git_commit") or "unknown")[:12] for r in runs})
     effect = gap_closed(groups)
     data = {(r.config["data"]["name"], r.config["model"]["arch"]) for r in runs}
