@@ -153,21 +153,21 @@ def group_runs(runs: list[Run]) -> list[Group]:
     varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
     varying.sort(key=lambda k: (k != "train.method", k))
     for group, flat in zip(groups, flats):
-        group.label = _derived_label(flat, varying) or group.method
+        group.label = _derived_label(flat, varying)
         named = {r.label for r in group.runs}
         if len(named) == 1 and None not in named:  # the sweep's own name for it (e.g. a compare row)
             group.label = named.pop()
     if len({g.label for g in groups}) < len(groups):  # two sweeps used one name: the derived labels then
         for group, flat in zip(groups, flats):
-            group.label = _derived_label(flat, varying) or group.method
+            group.label = _derived_label(flat, varying)
     return groups
 
 
 def _derived_label(flat: dict[str, Any], varying: list[str]) -> str:
-    """The method bare, then ``name=value`` for every other field that differs between the report's configurations."""
-    return ", ".join(
-        str(flat.get(k)) if k == "train.method" else f"{k.split('.')[-1]}={_text(flat.get(k))}" for k in varying
-    )
+    """The method bare, then ``name=value`` for every other field that differs between the report's configurations
+    and that this configuration sets (a method option it leaves at its default is not named)."""
+    parts = [f"{k.split('.')[-1]}={_text(flat[k])}" for k in varying if k in flat and k != "train.method"]
+    return ", ".join([str(flat.get("train.method", "?")), *parts])
 
 
 def _text(value: Any) -> str:
