@@ -12,7 +12,8 @@ The report (``report.md`` and PNGs in ``-o``, the table also printed):
   E2E dashed;
 * ``block_accuracy.png`` — each block's auxiliary-head test accuracy after the last epoch against block index (mean,
   ±1 sd bars): how separability grows through the network; E2E's final accuracy as a reference line;
-* ``accuracy_vs_memory.png`` — final test accuracy against the runs' peak memory;
+* ``accuracy_vs_memory.png`` — final test accuracy against the training steps' memory (the process peak for runs
+  that did not measure it);
 * a table: test accuracy mean ± sd over seeds, per seed, peak memory, throughput; and for every base method B with a
   B+MAN configuration equal in all else, the share of B's gap to E2E that MAN closes,
   (acc(B+MAN) − acc(B)) / (acc(E2E) − acc(B)), as the MAN paper reports it.
@@ -74,7 +75,8 @@ class Group:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """The run directories at or below ``paths`` (a directory with ``summary.json``), in a stable order."""
+    """The run directories at or below ``paths`` (a directory with ``summary.json``), in a stable order: a sweep's
+    runs in its grid's order (its ``grid.json``), any others by path."""
     found: list[Path] = []
     for path in paths:
         if not path.is_dir():
@@ -85,8 +87,18 @@ def find_runs(paths: list[Path]) -> list[Path]:
         below = sorted(p.parent for p in path.rglob("summary.json") if (p.parent / "config.yaml").is_file())
         if not below:
             raise UserError(f"{path} holds no finished run (no summary.json at or below it): has it finished?")
-        found += below
+        found += sorted(below, key=_grid_order(path))
     return list(dict.fromkeys(found))
+
+
+def _grid_order(sweep_out: Path):
+    """A sort key putting a sweep's runs (``sweep_out/runs/<name>``) in the order its grid.json lists them."""
+    try:
+        trials = json.loads((sweep_out / "grid.json").read_text())["trials"]
+        index = {(sweep_out / "runs" / t["name"]).resolve(): i for i, t in enumerate(trials)}
+    except (OSError, ValueError, KeyError, TypeError):  # not a sweep (or an unreadable grid.json): by path
+        index = {}
+    return lambda run: (index.get(run.resolve(), len(index)), str(run))
 
 
 def load_run(path: Path) -> Run:
@@ -231,21 +243,32 @@ def _share(e2e: float, base: float, man: float) -> str:
     return f"{100 * (man - base) / (e2e - base):.0f} %" if e2e != base else "– (no gap)"
 
 
+def _train_memory(g: Group) -> list[float] | None:
+    """What the training steps alone took per run, in MiB (``summary.json``'s ``train_steps_memory_growth_bytes``:
+    RSS growth over the memory in use before the first step on CPU, the CUDA peak's growth on a GPU), or None when a
+    run did not measure it (older runs): the figure local learning reduces, which the process peak (model, data,
+    evaluation and the interpreter included) hides."""
+    values = [r.summary.get("train_steps_memory_growth_bytes") for r in g.runs]
+    return None if any(v is None for v in values) else [v / 2**20 for v in values]
+
+
 def table(groups: list[Group]) -> str:
     lines = [
         "| configuration | blocks | seeds | test acc % (mean ± sd) | per seed | best epoch % | peak memory MiB "
-        "| train img/s | wall min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| training steps MiB | train img/s | wall min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         accs = g.final()
         best = [r.summary.get("best_test_accuracy") for r in g.runs if r.summary.get("best_test_accuracy") is not None]
         peak = max((r.summary.get("peak_memory_bytes") or 0) for r in g.runs) / 2**20
+        steps = _train_memory(g)
         rate = statistics.mean(r.summary.get("images_per_second") or 0.0 for r in g.runs)
         wall = statistics.mean(r.summary.get("wall_seconds") or 0.0 for r in g.runs) / 60
         lines.append(
             f"| {g.label} | {g.runs[0].summary.get('K', '?')} | {len(g.runs)} | {fmt_acc(accs)} "
-            f"| {' / '.join(f'{100 * a:.2f}' for a in accs) or '–'} | {fmt_acc(best)} | {peak:.0f} | {rate:.0f} "
+            f"| {' / '.join(f'{100 * a:.2f}' for a in accs) or '–'} | {fmt_acc(best)} | {peak:.0f} "
+            f"| {'–' if steps is None else f'{max(steps):.0f}'} | {rate:.0f} "
             f"| {wall:.1f} |"
         )
     return "\n".join(lines)
@@ -322,21 +345,30 @@ def plot_block_accuracy(groups: list[Group], path: Path) -> None:
 
 
 def plot_accuracy_vs_memory(groups: list[Group], path: Path) -> None:
+    """Final accuracy against the training steps' memory where every run measured it, else the runs' peaks."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    steps = {id(g): _train_memory(g) for g in groups}
+    use_steps = all(v is not None for v in steps.values())
     kinds = set()
     for i, g in enumerate(groups):
         accs = [100 * a for a in g.final()]
-        peaks = [(r.summary.get("peak_memory_bytes") or 0) / 2**20 for r in g.runs]
+        if use_steps:
+            memory = steps[id(g)]
+        else:
+            memory = [(r.summary.get("peak_memory_bytes") or 0) / 2**20 for r in g.runs]
         kinds |= {r.summary.get("peak_memory_kind") for r in g.runs}
         if not accs:
             continue
         mean, sd = _mean_sd(accs)
         style = _style(g, i)
-        ax.errorbar([statistics.mean(peaks)], [mean], yerr=[sd], marker="D" if g.method == "e2e" else "o",
+        ax.errorbar([statistics.mean(memory)], [mean], yerr=[sd], marker="D" if g.method == "e2e" else "o",
                     capsize=3, color=style["color"], linestyle="none", label=g.label)  # fmt: skip
     kind = ", ".join(sorted(str(k) for k in kinds if k)) or "peak memory"
-    ax.set_xlabel(f"peak memory (MiB; {kind})")
+    if use_steps:
+        ax.set_xlabel(f"training steps' memory (MiB, mean over seeds; growth of {kind} over what was in use before)")
+    else:
+        ax.set_xlabel(f"peak memory (MiB, mean over seeds; {kind})")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title("Accuracy against memory (mean over seeds, ±1 sd)")
     ax.grid(alpha=0.3)
@@ -393,7 +425,10 @@ def write_report(paths: list[Path], out: Path, title: str = "locallearn report",
         *effect,
         *([""] if effect else []),
         "Test accuracy is the final epoch's (mean ± sd over seeds); best epoch is the best epoch's per run, averaged. "
-        f"Peak memory is {first.get('peak_memory_kind', 'as each run measured it')} (the largest over seeds); "
+        f"Peak memory is the whole process's {first.get('peak_memory_kind', 'peak as each run measured it')} (the "
+        "largest over seeds: model, data, evaluation and interpreter included); training steps is what the training "
+        "steps alone added to the memory in use before the first one (the largest over seeds), the figure local "
+        "learning reduces; "
         "img/s counts training only and is a speed figure only when the runs had the machine to themselves.",
         "",
         "## Test accuracy per epoch",

@@ -177,6 +177,12 @@ def grid_names() -> list[str]:
     return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
 
 
+def _grid_title(source: str) -> str:
+    """A packaged grid by its name (the install path says nothing to a reader), any other grid by its path."""
+    path = Path(source)
+    return f"{path.stem} (packaged grid)" if path.parent == GRID_DIR else source
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read a grid file: a path, or the name of a packaged grid (:func:`grid_names`)."""
     path = Path(path)
@@ -372,7 +378,7 @@ def sweep(grid: Grid, out: Path, jobs: int | None = None, report: bool = True) -
     if report:
         from locallearn.report import write_report
 
-        write_report([out / "runs" / t.name for t in trials], out, title=f"Sweep {grid.source}")
+        write_report([out / "runs" / t.name for t in trials], out, title=f"Sweep {_grid_title(grid.source)}")
     return results
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from locallearn.cli import main
 from locallearn.config import RunConfig
-from locallearn.report import PLOT_DPI, PLOT_SIZE, PLOTS, find_runs, gap_closed, group_runs, load_run
+from locallearn.report import PLOT_DPI, PLOT_SIZE, PLOTS, find_runs, gap_closed, group_runs, load_run, table
 
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--arch", "resnet20", "--batch-size", "16", "--epochs", "2",
         "--device", "cpu", "--no-progress", "--data.synthetic_train_size=64",
@@ -64,7 +64,7 @@ def test_bad_run_directories_are_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "r" / "report.md").exists()
 
 
-def _fake_run(root: Path, name: str, method: str, k: int, seed: int, acc: float) -> None:
+def _fake_run(root: Path, name: str, method: str, k: int, seed: int, acc: float, steps_mib: int | None = None) -> None:
     """A run directory as ``locallearn train`` leaves it, with a chosen final accuracy."""
     run = root / name
     run.mkdir(parents=True)
@@ -77,6 +77,8 @@ def _fake_run(root: Path, name: str, method: str, k: int, seed: int, acc: float)
     summary = {"method": method, "K": k, "seed": seed, "test_accuracy": acc, "best_test_accuracy": acc,
                "block_accuracies": history[-1]["block_accuracies"], "peak_memory_bytes": 2**20 * (100 + 10 * k),
                "peak_memory_kind": "cpu_peak_rss", "images_per_second": 100.0, "wall_seconds": 60.0}  # fmt: skip
+    if steps_mib is not None:
+        summary["train_steps_memory_growth_bytes"] = 2**20 * steps_mib
     (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -92,3 +94,32 @@ def test_man_s_share_of_the_gap_is_computed_per_seed_and_on_the_means(tmp_path):
     assert len(lines) == 1
     assert "**dgl+man, K=4** closes 55 % of **dgl, K=4**'s gap to **e2e, K=1**" in lines[0]
     assert "per seed: 50 %, 60 %" in lines[0]
+
+
+def test_the_table_gives_the_training_steps_memory_beside_the_process_peak(tmp_path):
+    _fake_run(tmp_path, "e2e-0", "e2e", 1, 0, 0.9, steps_mib=370)
+    _fake_run(tmp_path, "dgl-0", "dgl", 4, 0, 0.8, steps_mib=230)
+    _fake_run(tmp_path, "dgl-1", "dgl", 4, 1, 0.8, steps_mib=250)
+    rows = {
+        line.split(" | ")[0]: line.split(" | ")
+        for line in table(group_runs([load_run(p) for p in find_runs([tmp_path])])).splitlines()
+    }
+    assert rows["| e2e, K=1"][6:8] == ["110", "370"]  # process peak, training steps (MiB)
+    assert rows["| dgl, K=4"][6:8] == ["140", "250"]  # the largest over seeds
+    _fake_run(tmp_path, "old-0", "infopro", 4, 0, 0.8)  # a run from before the measurement: a dash, not a zero
+    rows = {
+        line.split(" | ")[0]: line.split(" | ")
+        for line in table(group_runs([load_run(p) for p in find_runs([tmp_path])])).splitlines()
+    }
+    assert rows["| infopro, K=4"][7] == "–"
+
+
+def test_a_sweep_s_runs_come_in_its_grid_s_order_not_alphabetically(tmp_path):
+    names = ["e2e-s0", "dgl-s0", "dgl+man-s0"]  # the grid's order; alphabetically dgl+man would come first
+    for name, method, k in zip(names, ["e2e", "dgl", "dgl+man"], [1, 4, 4]):
+        _fake_run(tmp_path / "runs", name, method, k, 0, 0.8)
+    trials = [{"name": n, "label": n, "seed": 0} for n in names]
+    (tmp_path / "grid.json").write_text(json.dumps({"source": "g.yaml", "trials": trials}))
+    assert [p.name for p in find_runs([tmp_path])] == names
+    (tmp_path / "grid.json").write_text("not json")  # unreadable: by path, never an error
+    assert [p.name for p in find_runs([tmp_path])] == sorted(names)
