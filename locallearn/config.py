@@ -195,6 +195,8 @@ def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
         names = ", ".join(f.name for f in dataclasses.fields(obj))
         raise UserError(f"unknown config field {dotted!r}{_nearest(dotted)}: {section} has {names}")
     allowed = _allowed_types(hints[key])
+    if bool in allowed and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"  # YAML's and JSON's spelling (--data.augment=false), beside Python's False
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
         value = float(value)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):

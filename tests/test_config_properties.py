@@ -80,3 +80,16 @@ def test_out_of_range_values_are_named(dotted, value, message):
     setattr(getattr(cfg, section), key, value)
     with pytest.raises(UserError, match=message):
         validate(cfg)
+
+
+@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("TRUE", True), ("true", True)])
+def test_a_bool_field_takes_yaml_s_spelling_as_well_as_python_s(text, expected):
+    from locallearn.config import apply_overrides
+
+    cfg = RunConfig()
+    apply_overrides(cfg, [f"data.augment={text}"])
+    assert cfg.data.augment is expected
+    with pytest.raises(UserError, match="data.augment should be bool"):
+        apply_overrides(cfg, ["data.augment=nope"])
+    apply_overrides(cfg, ["data.name=false"])  # a string field keeps the string
+    assert cfg.data.name == "false"
