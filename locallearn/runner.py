@@ -630,7 +630,8 @@ def _end_epoch(
     row = {
         "epoch": progress.epoch + 1,
         "step": learner.step,
-        "lr": learner.current_lr(),
+        "lr": learner.current_lr(),  # the run's schedule; what each learning block steps with is block_lrs
+        "block_lrs": [lr if learner.learns(k) else None for k, lr in enumerate(learner.block_lrs())],
         **train_stats,
         **report,
         "train_seconds": seconds,

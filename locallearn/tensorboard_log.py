@@ -10,7 +10,10 @@ after that step (``--log-every 0``: none, epoch ends only):
 
 - ``block{k}/loss``: block k's local loss on that batch;
 - ``block{k}/train_accuracy``: block k's auxiliary classifier on that batch (blocks whose loss has a classifier);
-- ``train/lr``: the schedule's learning rate at that step (``LocalLearner.current_lr``).
+- ``train/lr``: the run's schedule at that step (``LocalLearner.current_lr``);
+- ``block{k}/lr``: the rate block k's optimizer steps with (``LocalLearner.block_lrs``: the schedule's unless the
+  method sets its own, e.g. SoftHebb's classifier and its Hebbian blocks' 1.0, whose rule scales its own steps),
+  for the blocks that learn in the phase in progress.
 
 Epoch scalars, at every epoch end, at global step = the step the epoch ended at; the numbers of that epoch's row in
 ``metrics.jsonl``:
@@ -134,6 +137,9 @@ class TensorBoardLog(NullLog):
             if tag is not None:
                 self._add(tag, float(value), step)  # one device sync per block, every log_every steps
         self._add("train/lr", float(learner.current_lr()), step)
+        for k, lr in enumerate(learner.block_lrs()):
+            if learner.learns(k):
+                self._add(f"block{k}/lr", float(lr), step)
 
     def end_epoch(self, row: dict[str, Any], method_report: dict[str, Any], peak_bytes: int | None) -> None:
         step = row["step"]

@@ -166,6 +166,9 @@ def test_a_run_preempted_in_its_hebbian_phase_resumes_to_the_uninterrupted_weigh
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["hebbian", "classifier"] and rows[0]["step"] == 20  # 200 images, batch 10
     assert {"hebb1/norm_mean", "hebb2/converged"} <= set(rows[-1])
+    # what each block stepped with, not the generic schedule: the rule's 1.0 for the Hebbian blocks, then only the
+    # classifier (Adam 1e-3, the step schedule's first epoch)
+    assert rows[0]["block_lrs"] == [1.0, 1.0, None] and rows[1]["block_lrs"] == [None, None, pytest.approx(1e-3)]
     assert "phase hebbian: blocks [0, 1] learn, batch 10" in whole.stderr and "hebb1 |w|" in whole.stderr
     out = tmp_path / "cut"
     proc = subprocess.Popen([*RUN, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -28,7 +28,7 @@ TINY = [
     "--epochs", "2", "--no-progress", "--quiet",
 ]  # fmt: skip
 STEPS, EPOCH_STEPS = list(range(1, 9)), [4, 8]
-STEP_TAGS = [f"block{k}/{name}" for k in range(3) for name in ("loss", "train_accuracy")] + ["train/lr"]
+STEP_TAGS = [f"block{k}/{name}" for k in range(3) for name in ("loss", "train_accuracy", "lr")] + ["train/lr"]
 EPOCH_TAGS = [
     *(f"block{k}/{name}" for k in range(3) for name in ("epoch_loss", "epoch_train_accuracy", "test_accuracy")),
     "test/accuracy",
@@ -75,6 +75,7 @@ def test_tags_points_and_values_match_metrics_and_run_json_describes_the_run(tmp
         steps = [v for _, v in scalars[f"block{k}/loss"]]
         assert [sum(steps[:4]) / 4, sum(steps[4:]) / 4] == pytest.approx([r[f"loss/{k}"] for r in rows], rel=1e-5)
     assert [v for _, v in scalars["train/lr"]][-1] == pytest.approx(rows[-1]["lr"], abs=1e-7)
+    assert rows[-1]["block_lrs"] == [rows[-1]["lr"]] * 3  # DGL: every block steps with the run's schedule
     assert all(v > 0 for _, v in scalars["memory/peak_mib"])
 
     record = json.loads((out / "run.json").read_text())
@@ -162,7 +163,8 @@ def test_bad_values_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, me
 
 def test_log_every_spacing_and_method_report_scalars(tmp_path):
     tb = tensorboard_log.TensorBoardLog(tmp_path, log_every=3)
-    learner = SimpleNamespace(step=0, current_lr=lambda: 0.1)
+    # a method that sets its own rates (SoftHebb's classifier phase): block 0 does not learn, block 1 at 0.002
+    learner = SimpleNamespace(step=0, current_lr=lambda: 0.1, block_lrs=lambda: [1.0, 0.002], learns=lambda k: k == 1)
     for step in range(1, 8):
         learner.step = step
         tb.train_step(learner, {"loss/0": torch.tensor(float(step)), "acc/0": torch.tensor(0.5)})
@@ -173,6 +175,8 @@ def test_log_every_spacing_and_method_report_scalars(tmp_path):
     tb.close()  # twice is harmless (the runner closes on every path)
     scalars = _scalars(tmp_path)
     assert scalars["block0/loss"] == [(3, 3.0), (6, 6.0)] and [s for s, _ in scalars["train/lr"]] == [3, 6]
+    assert scalars["block1/lr"] == [(3, pytest.approx(0.002)), (6, pytest.approx(0.002))]
+    assert "block0/lr" not in scalars  # a block that does not learn in the phase has no rate
     assert scalars["method/hebb1/norm_mean"] == [(7, 1.5)] and scalars["method/hebb1/converged"] == [(7, 3.0)]
     assert scalars["memory/peak_mib"] == [(7, 2.0)] and scalars["block1/test_accuracy"] == [(7, 0.25)]
     assert "block0/test_accuracy" not in scalars and not any("note" in tag for tag in scalars)
