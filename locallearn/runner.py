@@ -450,6 +450,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         "epochs": len(history),
         "steps": learner.step,
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "test_top5_accuracy": history[-1].get("test_top5_accuracy") if history else None,
         "best_test_accuracy": max((r["test_accuracy"] for r in history), default=None),
         "block_accuracies": history[-1]["block_accuracies"] if history else [],
         "peak_memory_bytes": memory.peak,
@@ -650,12 +651,13 @@ def _end_epoch(
     tb.end_epoch(row, method_report, max(memory.last["train"], memory.last["eval"]))
     blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
     log.info(
-        "epoch %d/%d step %d  train loss %s  test acc %.4f  blocks [%s]  %.0f img/s",
+        "epoch %d/%d step %d  train loss %s  test acc %.4f%s  blocks [%s]  %.0f img/s",
         row["epoch"],
         epochs,
         learner.step,
         f"{last_loss:.4f}" if (last_loss := train_stats.get(f"loss/{len(learner.blocks) - 1}")) is not None else "-",
         report["test_accuracy"],
+        "" if (top5 := report.get("test_top5_accuracy")) is None else f" (top-5 {top5:.4f})",
         blocks,
         row["images_per_second"],
     )

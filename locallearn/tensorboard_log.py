@@ -150,7 +150,8 @@ class TensorBoardLog(NullLog):
         for k, acc in enumerate(row.get("block_accuracies") or []):
             if acc is not None:  # a block without a classifier head has no accuracy
                 self._add(f"block{k}/test_accuracy", float(acc), step)
-        for key, tag in (("test_accuracy", "test/accuracy"), ("test_loss", "test/loss"),
+        for key, tag in (("test_accuracy", "test/accuracy"), ("test_top5_accuracy", "test/top5_accuracy"),
+                         ("test_loss", "test/loss"),
                          ("images_per_second", "train/images_per_second")):  # fmt: skip
             if (value := _number(row.get(key))) is not None:
                 self._add(tag, value, step)

@@ -222,3 +222,22 @@ def test_unknown_amp_is_a_clear_error():
     with pytest.raises(UserError, match="unknown amp 'fp16'.*bf16"):
         make_learner(amp="fp16")
     assert make_learner(amp="none").amp is None
+
+
+@pytest.mark.parametrize("classes", [10, 5])
+def test_evaluation_reports_top5_accuracy_with_more_than_five_classes(classes):
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=classes, in_channels=1)
+    learner = LocalLearner(model, "dgl", 2, input_shape=(1, 12, 12))
+    batches = [(torch.randn(16, 1, 12, 12), torch.randint(0, classes, (16,))) for _ in range(3)]
+    report = learner.evaluate(batches)
+    if classes <= 5:  # every label is in the top 5: no figure rather than a trivial 100 %
+        assert report["test_top5_accuracy"] is None
+        return
+    model.eval()
+    with torch.no_grad():
+        logits = [(model(x), y) for x, y in batches]
+    top1 = sum((out.argmax(1) == y).sum().item() for out, y in logits) / 48
+    top5 = sum((out.topk(5, 1).indices == y[:, None]).any(1).sum().item() for out, y in logits) / 48
+    assert report["test_accuracy"] == pytest.approx(top1) and report["test_top5_accuracy"] == pytest.approx(top5)
+    assert top5 >= top1 and top5 > 0

@@ -32,6 +32,7 @@ STEP_TAGS = [f"block{k}/{name}" for k in range(3) for name in ("loss", "train_ac
 EPOCH_TAGS = [
     *(f"block{k}/{name}" for k in range(3) for name in ("epoch_loss", "epoch_train_accuracy", "test_accuracy")),
     "test/accuracy",
+    "test/top5_accuracy",  # 10 classes
     "test/loss",
     "train/images_per_second",
     "memory/peak_mib",
@@ -68,6 +69,7 @@ def test_tags_points_and_values_match_metrics_and_run_json_describes_the_run(tmp
     approx = lambda values: pytest.approx(values, rel=1e-6)  # noqa: E731  (event files hold float32)
     assert [v for _, v in scalars["test/accuracy"]] == approx([r["test_accuracy"] for r in rows])
     assert [v for _, v in scalars["test/loss"]] == approx([r["test_loss"] for r in rows])
+    assert [v for _, v in scalars["test/top5_accuracy"]] == approx([r["test_top5_accuracy"] for r in rows])
     for k in range(3):
         assert [v for _, v in scalars[f"block{k}/test_accuracy"]] == approx([r["block_accuracies"][k] for r in rows])
         assert [v for _, v in scalars[f"block{k}/epoch_loss"]] == approx([r[f"loss/{k}"] for r in rows])
