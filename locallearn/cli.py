@@ -74,9 +74,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--limit-train",
         type=_limit,
-        help="use the first N training examples, or 'all' (default 10000: the short demo run)",
+        help="use the first N training examples (ImageNet: N spread evenly over the classes), or 'all' "
+        "(default 10000: the short demo run)",
     )
-    p.add_argument("--limit-test", type=_limit, help="use the first N test examples, or 'all' (default)")
+    p.add_argument(
+        "--limit-test",
+        type=_limit,
+        help="use the first N test examples (ImageNet: spread over the classes), or 'all' (default)",
+    )
     p.add_argument("--image-size", type=int, help="synthetic: image side")
     p.add_argument("--in-channels", type=int, help="synthetic: image channels")
     p.add_argument("--num-classes", type=int, help="synthetic: classes")

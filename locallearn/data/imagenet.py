@@ -246,16 +246,22 @@ def _folder(path: Path, transform: v2.Compose) -> ImageFolder:
         raise DataError(f"{path}: {str(err).rstrip('.')}: expected {LAYOUT}") from None
 
 
-def _first(dataset: ImageFolder, limit: int | None) -> ImageFolder | Subset:
-    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
+def _spread(dataset: ImageFolder, limit: int | None) -> ImageFolder | Subset:
+    """``limit`` images spread evenly over ImageFolder's order (sorted by class, then file name), so every class keeps
+    its share: the first N would keep only the first classes. Deterministic, no seed: the same images every run."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return Subset(dataset, [i * len(dataset) // limit for i in range(limit)])
 
 
 def imagenet_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Open ``<data_dir>/train`` and ``<data_dir>/val`` as ImageFolders with the train and eval transforms.
 
-    ``limit_train`` / ``limit_test`` keep the first N images in ImageFolder's order (sorted by class, then file
-    name), so a small limit covers only the first classes. ``num_classes`` and ``class_names`` come from the train
-    folder, not the 1000 of the full dataset, so a subset of class folders is a valid (smaller) task.
+    ``limit_train`` / ``limit_test`` keep N images spread evenly over ImageFolder's order (sorted by class, then file
+    name), so every class keeps its share; the first N, as for the shuffled in-memory datasets, would keep only the
+    first classes (shared/reference/softhebb.md §3 notes that flaw in the SoftHebb code's subset). ``num_classes``
+    and ``class_names`` come from the train folder, not the 1000 of the full dataset, so a subset of class folders
+    is a valid (smaller) task.
 
     Raises:
         UserError: No or a missing ``data_dir``, a wrong layout, differing classes, or an unsupported option.
@@ -269,6 +275,8 @@ def imagenet_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     for field in ("pad_to", "channels"):
         if getattr(cfg, field) is not None:
             raise UserError(f"{field} does not apply to imagenet (use crop_size): drop the {field} option")
+    if cfg.crop_pad_mode != "dataset":  # RandomResizedCrop does not pad
+        raise UserError("crop_pad_mode does not apply to imagenet (its crop does not pad): drop the option")
     if cfg.crop_size < 1:
         raise UserError(f"crop_size must be >= 1, got {cfg.crop_size}: pass e.g. --data.crop_size=224")
     if cfg.data_dir is None:
@@ -289,12 +297,11 @@ def imagenet_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     info = dataclasses.replace(IMAGENET_INFO, num_classes=len(classes), image_size=size, class_names=classes)
     if cfg.normalization == "cifar":
         info = dataclasses.replace(info, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    train_set, val_set = _first(train, cfg.limit_train), _first(val, cfg.limit_test)
+    train_set, val_set = _spread(train, cfg.limit_train), _spread(val, cfg.limit_test)
     if isinstance(train_set, Subset):
-        covered = len(set(train.targets[: cfg.limit_train]))
-        if covered < len(train.classes):
-            # Sorted order means a limit drops whole classes: easy to miss (RunConfig's default limit is 10000).
-            msg = "limit_train=%d keeps only %d of %d classes (ImageFolder order is by class): --data.limit_train=None"
+        covered = len({train.targets[i] for i in train_set.indices})
+        if covered < len(train.classes):  # fewer images than classes
+            msg = "limit_train=%d keeps images of only %d of %d classes: raise it or use --data.limit_train=None"
             log.warning(msg, cfg.limit_train, covered, len(classes))
     return train_set, val_set, info
 
