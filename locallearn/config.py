@@ -293,6 +293,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "optim.schedule_unit": ("step", "epoch"),
     "dist.parallel": ("auto", "none", "data", "pipeline"),
+    "data.crop_pad_mode": ("dataset", "constant", "reflect"),
 }
 
 

@@ -147,6 +147,9 @@ def test_stl10_tiny(tmp_path: Path) -> None:
     assert ty.tolist() == list(range(10)) and vy.tolist() == [0, 1, 2, 3]  # 1..10 -> 0..9
     assert (tx[:, 0, 5, 70] == 200).all() and tx.sum() == 200 * 10  # column-major files transposed back
     assert info.num_classes == 10 and info.image_size == (96, 96)
+    assert info.pad_mode == "constant"  # InfoPro's STL-10 recipe; SoftHebb's reflects (its preset sets it)
+    *_, reflected = load_arrays(DataConfig(name="stl10", data_dir=str(tmp_path), crop_pad_mode="reflect"))
+    assert reflected.pad_mode == "reflect" and reflected.crop_padding == info.crop_padding
 
 
 def test_stl10_truncated(tmp_path: Path) -> None:
@@ -162,7 +165,14 @@ def test_bad_input(tmp_path: Path) -> None:
         load_arrays(DataConfig(name="cifar10", data_dir=str(tmp_path / "nope")))
     with pytest.raises(UserError, match="imagenet"):
         load_arrays(DataConfig(name="imagenet"))
-    bad = [{"limit_train": 0}, {"limit_test": -1}, {"normalization": "imagenet"}, {"pad_to": 16}, {"channels": 1}]
+    bad = [
+        {"limit_train": 0},
+        {"limit_test": -1},
+        {"normalization": "imagenet"},
+        {"pad_to": 16},
+        {"channels": 1},
+        {"crop_pad_mode": "zeros"},
+    ]
     for kw in bad:
         with pytest.raises(UserError):
             load_arrays(DataConfig(name="synthetic", **kw))

@@ -19,6 +19,8 @@ class DataConfig:
         pad_to: Zero-pad images symmetrically to this square size (e.g. 28 -> 32).
         channels: Repeat a 1-channel image to this many channels (e.g. 3).
         normalization: ``"dataset"`` (the dataset's own mean/std) or ``"cifar"`` (CIFAR-10 constants).
+        crop_pad_mode: How the random crop's padding is filled: ``"dataset"`` (the dataset's standard recipe: CIFAR-10
+            reflects, the others pad zeros), ``"constant"`` (zeros) or ``"reflect"`` (SoftHebb's STL-10 recipe).
         workers: DataLoader worker processes of file-backed datasets (imagenet); in-memory loaders ignore it.
         crop_size: ImageNet only: side of the square crop (RandomResizedCrop for training; resize to
             ``crop_size * 256 / 224`` and centre crop for evaluation). ``image_size`` is the synthetic one.
@@ -38,6 +40,7 @@ class DataConfig:
     pad_to: int | None = None
     channels: int | None = None
     normalization: str = "dataset"
+    crop_pad_mode: str = "dataset"
     workers: int = 0
     crop_size: int = 224  # imagenet only
     # synthetic only

@@ -126,6 +126,8 @@ def _check_config(cfg: DataConfig) -> None:
         raise UserError(f"unknown normalization {cfg.normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
     if cfg.workers < 0:
         raise UserError(f"workers must be >= 0, got {cfg.workers}: pass 0 or a positive number")
+    if cfg.crop_pad_mode not in ("dataset", "constant", "reflect"):
+        raise UserError(f"unknown crop_pad_mode {cfg.crop_pad_mode!r}: choose one of dataset, constant, reflect")
 
 
 def _pad(images: Tensor, pad_to: int) -> Tensor:
@@ -183,4 +185,6 @@ def load_arrays(cfg: DataConfig) -> Arrays:
         info = dataclasses.replace(
             info, mean=_repeat(CIFAR10_MEAN, info.in_channels), std=_repeat(CIFAR10_STD, info.in_channels)
         )
+    if cfg.crop_pad_mode != "dataset":
+        info = dataclasses.replace(info, pad_mode=cfg.crop_pad_mode)
     return train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long(), info
