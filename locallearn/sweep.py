@@ -12,7 +12,7 @@ A grid file says what every run shares and what varies::
       train.K: [1, 4]
     exclude:                           # ... less the combinations that match one of these
       - {train.method: e2e, train.K: 4}
-    seeds: [0, 1]                      # each configuration once per seed (train.seed)
+    seeds: [0, 1]                      # each configuration once per seed (train.seed; omitted: its own seed)
 
 A field's value replaces the base's; ``method: {...}`` replaces the whole set of method options (``method: {}``
 clears them) and ``method.NAME: value`` sets one. Instead of (or crossed with) ``grid``, ``runs`` lists named
@@ -75,7 +75,7 @@ class Grid:
     set: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     exclude: list[dict[str, Any]] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] | None = None  # None: each configuration once, at its own train.seed (a preset's, else 0)
     runs: list[Entry] = field(default_factory=list)
     source: str = "grid"
 
@@ -145,10 +145,12 @@ def parse_grid(tree: Any, source: str) -> Grid:
         if stray:
             raise UserError(f"{source}: exclude names {', '.join(stray)}, which the grid does not vary")
         grid.exclude.append(rule)
-    seeds = _as_list(tree.get("seeds", [0]), "seeds", source)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    seeds = _as_list(tree.get("seeds"), "seeds", source) if "seeds" in tree else None
+    if seeds is None:
+        pass  # each configuration at its own seed: a preset that fixes one (AugLocal's 1234) keeps it
+    elif not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise UserError(f"{source}: seeds must be a list of non-negative integers, e.g. [0, 1]")
-    if len(set(seeds)) < len(seeds):
+    elif len(set(seeds)) < len(seeds):
         raise UserError(f"{source}: seeds {seeds} repeat a seed")
     grid.seeds = seeds
     for i, run in enumerate(_as_list(tree.get("runs"), "runs", source)):
@@ -214,8 +216,19 @@ def _slug(text: str) -> str:
     return re.sub(r"-+", "-", "".join(c if c.isalnum() or c in "+.=" else "-" for c in text)).strip("-")[:80]
 
 
+def _resolve(grid: Grid, entry: Entry, combo: dict[str, Any]) -> RunConfig:
+    """The configuration of one (entry, grid combination): the defaults, then the bases, then the set fields."""
+    cfg = RunConfig()
+    for base in [*grid.base, *entry.base]:
+        load_yaml(cfg, base)
+    for key, value in {**grid.set, **entry.set, **combo}.items():
+        _set(cfg, key, value, grid.source)
+    return cfg
+
+
 def expand(grid: Grid) -> list[Trial]:
-    """Every (entry × grid combination − excluded) × seed, each with its resolved and validated config."""
+    """Every (entry × grid combination − excluded) × seed (the grid's seeds, else each configuration's own), each
+    with its resolved and validated config."""
     entries = grid.runs or [Entry(None)]
     keys = list(grid.grid)
     combos = [dict(zip(keys, values)) for values in itertools.product(*(grid.grid[k] for k in keys))]
@@ -226,12 +239,9 @@ def expand(grid: Grid) -> list[Trial]:
     for entry, combo in itertools.product(entries, combos):
         parts = ([entry.name] if entry.name else []) + [_part(k, v) for k, v in combo.items()]
         label = ", ".join(parts) or "run"
-        for seed in grid.seeds:
-            cfg = RunConfig()
-            for base in [*grid.base, *entry.base]:
-                load_yaml(cfg, base)
-            for key, value in {**grid.set, **entry.set, **combo}.items():
-                _set(cfg, key, value, grid.source)
+        seeds = grid.seeds if grid.seeds is not None else [_resolve(grid, entry, combo).train.seed]
+        for seed in seeds:
+            cfg = _resolve(grid, entry, combo)
             cfg.train.seed = seed
             validate(cfg)
             trials.append(Trial(_slug(f"{label}-s{seed}"), label, seed, cfg, dict(entry.meta)))

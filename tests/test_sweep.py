@@ -189,3 +189,12 @@ def test_method_options_are_replaced_by_a_mapping_and_set_one_by_one_when_dotted
     hebb, bp = expand(grid)
     assert hebb.cfg.method["hebbian"] == "off" and hebb.cfg.method["hebbian_batch_size"] == 10  # the base's kept
     assert bp.cfg.method == {} and bp.cfg.train.method == "e2e"
+
+
+def test_without_seeds_each_configuration_keeps_its_own_seed():
+    runs = [{"name": "auglocal", "base": ["auglocal/cifar10_resnet32_k16_d1"]}, {"name": "plain"}]
+    own = expand(parse_grid({"runs": runs}, "g.yaml"))
+    assert [(t.label, t.seed, t.cfg.train.seed) for t in own] == [("auglocal", 1234, 1234), ("plain", 0, 0)]
+    assert [t.name for t in own] == ["auglocal-s1234", "plain-s0"]
+    given = expand(parse_grid({"runs": runs, "seeds": [3]}, "g.yaml"))
+    assert [t.cfg.train.seed for t in given] == [3, 3]  # the grid's seeds replace every configuration's own
