@@ -245,3 +245,26 @@ def _descendants(pid: int) -> list[int]:
         for child in map(int, children):
             out += [child, *_descendants(child)]
     return out
+
+
+def _accuracy_rank(rank: int, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from locallearn.distributed.data_parallel import global_accuracies
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    labels = torch.zeros(3 if rank == 0 else 1, dtype=torch.long)  # unequal shards: 3 and 1 examples
+    stats = {"acc/0": torch.tensor(1.0 if rank == 0 else 0.0), "loss/0": torch.tensor(0.5)}
+    global_accuracies(stats, labels)
+    results[rank] = (stats["acc/0"].item(), stats["loss/0"].item())
+    dist.destroy_process_group()
+
+
+def test_data_parallel_train_accuracy_is_the_whole_batch_not_one_shard():
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_accuracy_rank, args=(_free_port(), results), nprocs=2)
+        assert dict(results) == {0: (0.75, 0.5), 1: (0.75, 0.5)}  # 3 of 4 right, weighted by shard; loss untouched

@@ -143,6 +143,7 @@ class DataParallel:
         """``learner.train_step`` on this rank's shard, gradients averaged block by block, then the buffers synced."""
         stats = self.learner.train_step(x, y, **kwargs)
         self.sync_buffers()
+        global_accuracies(stats, getattr(x, "y", y))
         return stats
 
     def agree_stop(self, signum: int | None) -> int | None:
@@ -151,6 +152,22 @@ class DataParallel:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         value = int(flag.item())
         return value or None
+
+
+@torch.no_grad()
+def global_accuracies(stats: dict[str, Tensor], labels: Tensor | None) -> None:
+    """Replace each block's training accuracy (``acc/k``) in ``stats`` with the whole batch's, not this rank's
+    shard's: one small all-reduce of (accuracy × shard size, shard size), so unequal shards weigh right. The losses
+    are already averaged with the gradients (:meth:`DataParallel.sync_gradients`)."""
+    keys = [key for key in stats if key.startswith("acc/")]
+    if not keys or labels is None:
+        return
+    n = float(labels.shape[0])
+    shard = torch.full((1,), n, dtype=torch.float64, device=labels.device)
+    flat = torch.cat([torch.stack([stats[key].detach().double().reshape(()) for key in keys]) * n, shard])  # no sync
+    dist.all_reduce(flat)
+    for i, key in enumerate(keys):
+        stats[key] = (flat[i] / flat[-1]).to(device=stats[key].device, dtype=stats[key].dtype)
 
 
 def gather_to_writer(obj: Any, ctx: DistContext) -> list[Any] | None:
