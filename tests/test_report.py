@@ -64,7 +64,9 @@ def test_bad_run_directories_are_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "r" / "report.md").exists()
 
 
-def _fake_run(root: Path, name: str, method: str, k: int, seed: int, acc: float, steps_mib: int | None = None) -> None:
+def _fake_run(
+    root: Path, name: str, method: str, k: int, seed: int, acc: float, steps_mib: int | None = None, **extra
+) -> None:
     """A run directory as ``locallearn train`` leaves it, with a chosen final accuracy."""
     run = root / name
     run.mkdir(parents=True)
@@ -79,6 +81,7 @@ def _fake_run(root: Path, name: str, method: str, k: int, seed: int, acc: float,
                "peak_memory_kind": "cpu_peak_rss", "images_per_second": 100.0, "wall_seconds": 60.0}  # fmt: skip
     if steps_mib is not None:
         summary["train_steps_memory_growth_bytes"] = 2**20 * steps_mib
+    summary.update(extra)
     (run / "summary.json").write_text(json.dumps(summary))
 
 
@@ -123,3 +126,13 @@ def test_a_sweep_s_runs_come_in_its_grid_s_order_not_alphabetically(tmp_path):
     assert [p.name for p in find_runs([tmp_path])] == names
     (tmp_path / "grid.json").write_text("not json")  # unreadable: by path, never an error
     assert [p.name for p in find_runs([tmp_path])] == sorted(names)
+
+
+def test_the_table_has_a_top5_column_for_imagenet_runs_only(tmp_path):
+    _fake_run(tmp_path / "fm", "dgl-0", "dgl", 4, 0, 0.8, dataset="fashion-mnist", test_top5_accuracy=0.99)
+    assert "top-5" not in table(group_runs([load_run(p) for p in find_runs([tmp_path / "fm"])]))
+    for seed, top5 in enumerate([0.90, 0.92]):
+        _fake_run(tmp_path / "in", f"dgl-{seed}", "dgl", 4, seed, 0.7, dataset="imagenet", test_top5_accuracy=top5)
+    header, rule, row = table(group_runs([load_run(p) for p in find_runs([tmp_path / "in"])])).splitlines()
+    cells = header.split(" | ")
+    assert cells[5] == "top-5 %" and row.split(" | ")[5] == "91.00 ± 1.41" and rule.count("|") == header.count("|")
