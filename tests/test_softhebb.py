@@ -15,7 +15,7 @@ from locallearn import LocalLearner, create_model
 from locallearn.data.readers import SYSTEM_FASHION_MNIST
 from locallearn.errors import UserError
 from locallearn.methods.softhebb import HebbianStep, step_lr, surrogate_loss
-from locallearn.models.softhebb import HebbConv2d, hebbian_convs, triangle
+from locallearn.models.softhebb import HebbClassifier, HebbConv2d, hebbian_convs, triangle
 
 
 def reference_update(w: torch.Tensor, x: torch.Tensor, t_invert: float, anti: bool, pre_triangle: bool = False):
@@ -220,3 +220,24 @@ def test_on_fashion_mnist_the_hebbian_net_beats_its_random_initialisation():
     assert control_norm == pytest.approx(25.0, rel=0.05)  # the control's filters stay at their initial radius
     assert norm < 3  # the rule pulls the filters from r0 = 25 toward radius 1
     assert hebbian >= control + 0.01, (hebbian, control)
+
+
+def test_the_standardised_probe_feeds_the_classifier_unit_scale_features_and_leaves_the_rest_alone():
+    torch.manual_seed(0)
+    plain = create_model("softhebb2", in_channels=1, image_size=16, widths=[4, 8])
+    torch.manual_seed(0)
+    probe = create_model("softhebb2", in_channels=1, image_size=16, widths=[4, 8], standardise=True)
+    # the same Hebbian layers and linear weights; only BatchNorm1d's running statistics are new state
+    extra = set(probe.state_dict()) - set(plain.state_dict())
+    assert extra and all(".standardise." in key for key in extra) and set(plain.state_dict()) <= set(probe.state_dict())
+    assert all(torch.equal(v, probe.state_dict()[k]) for k, v in plain.state_dict().items())
+    classifier = next(m for m in probe.modules() if isinstance(m, HebbClassifier))
+    features = torch.randn(32, classifier.fc.in_features) * 25 + 3  # the scale of random filters at norm 25
+    seen = {}
+    classifier.fc.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    classifier.train()
+    classifier.dropout.p = 0.0
+    classifier(features)
+    assert seen["x"].mean(0).abs().max() < 1e-5 and (seen["x"].var(0, unbiased=False) - 1).abs().max() < 1e-3
+    with pytest.raises(UserError, match="standardise"):
+        create_model("softhebb2", widths=[4, 8], standardise="yes")

@@ -194,15 +194,22 @@ class SoftHebbBlock(nn.Module):
 
 
 class HebbClassifier(nn.Module):
-    """flatten → dropout → linear: the only layer that sees labels."""
+    """flatten → dropout → linear: the only layer that sees labels.
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float) -> None:
+    ``standardise`` puts a BatchNorm1d without affine parameters after the flatten (each feature at mean 0 / var 1:
+    batch statistics while the classifier trains, their running averages in evaluation). Not in the paper: a
+    probe that takes the features' scale out of a comparison (random filters at norm 25 give features, and logits,
+    hundreds of times larger than converged ones), like shared/reference/softhebb.md §7's "std" probe, which
+    standardises with statistics of the whole training set instead."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float, standardise: bool = False) -> None:
         super().__init__()
+        self.standardise = nn.BatchNorm1d(in_features, affine=False) if standardise else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.dropout(torch.flatten(x, 1)))
+        return self.fc(self.dropout(self.standardise(torch.flatten(x, 1))))
 
 
 def softhebb_net(
@@ -216,6 +223,7 @@ def softhebb_net(
     radius: float = 25.0,
     dropout: float | None = None,
     activation: str = "triangle",
+    standardise: bool = False,
 ) -> LayeredModel:
     """A SoftHebb network of ``preset`` for inputs of ``in_channels`` × ``image_size``.
 
@@ -228,7 +236,10 @@ def softhebb_net(
         dropout: the classifier's dropout, replacing the preset's.
         activation: "triangle" (the paper's Triangle(p)) or "relu" (its end-to-end backprop baseline, with
             ``radius=1``: Triangle's powers above 1 and filters at norm 25 make plain SGD diverge).
+        standardise: standardise the classifier's input features (:class:`HebbClassifier`; not in the paper).
     """
+    if not isinstance(standardise, bool):
+        raise UserError(f"standardise={standardise!r}: use true or false")
     if activation not in ("triangle", "relu"):
         raise UserError(f"activation={activation!r}: use triangle or relu")
     specs, preset_dropout, power_lr = PRESETS[preset]
@@ -263,7 +274,9 @@ def softhebb_net(
                 "each pool halves the size, so use larger images or fewer layers"
             ) from None
         probe.train()
-    layers.append(HebbClassifier(features, num_classes, preset_dropout if dropout is None else dropout))
+    layers.append(
+        HebbClassifier(features, num_classes, preset_dropout if dropout is None else dropout, standardise=standardise)
+    )
     names = [f"hebb{i + 1}" for i in range(len(specs))] + ["classifier"]
     model = LayeredModel(layers, names=names, stage_of=list(range(len(layers))), arch=preset)
     model.classifier_block = True  # K = Hebbian layers + 1: the classifier learns alone on frozen features
@@ -277,4 +290,5 @@ def hebbian_convs(model: nn.Module) -> list[HebbConv2d]:
 for _name in PRESETS:
     _factory = MODELS.register(_name)(lambda _n=_name, **kw: softhebb_net(_n, **kw))
     _factory.sized = True  # create_model passes image_size: the classifier's width depends on it
-    _factory.options = ("widths", "layers", "radius", "dropout", "activation")  # what create_model passes through
+    # what create_model passes through
+    _factory.options = ("widths", "layers", "radius", "dropout", "activation", "standardise")
