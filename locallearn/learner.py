@@ -6,6 +6,7 @@ Example::
     learner = locallearn.LocalLearner(model, method="dgl", K=4, input_shape=(1, 28, 28))
     stats = learner.train_step(x, y)          # {"loss/0": ..., "acc/3": ...}
     report = learner.evaluate(test_batches)   # {"test_accuracy": ..., "block_accuracies": [...]}
+    history = learner.fit(train_loader, epochs=5, test=test_loader)  # the same, epoch after epoch
 
 Every bit of training state (backbone, auxiliary nets, EMA copies, optimizer momenta, step counter) is in
 ``state_dict()``.
@@ -410,6 +411,89 @@ class LocalLearner:
         grads = [p.grad for group in self.optimizers[k].param_groups for p in group["params"] if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
         return bool(torch.isfinite(loss.float()) & torch.isfinite(total.to(loss.device).float()))
+
+    def fit(
+        self,
+        train: Iterable | Callable[[int], Iterable],
+        epochs: int,
+        *,
+        test: Iterable | None = None,
+        batch_size: int = 64,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> list[dict]:
+        """Train for ``epochs`` epochs, through the method's phases if it has any, and return one record per epoch.
+
+        ``train`` is read once per epoch: a ``DataLoader`` of ``(x, y)`` pairs (or any re-iterable of batches), or a
+        function of the batch size that returns one, ``lambda b: DataLoader(dataset, b, shuffle=True)``. A method
+        whose phases train at their own batch size (:meth:`LocalMethod.phases`; SoftHebb's Hebbian phase at 10, then
+        its classifier) needs the function, or one of locallearn's loaders (:func:`locallearn.build_data`), which
+        fit resizes and gives each epoch's index (``set_batch_size``, ``set_epoch``) as ``locallearn train`` does;
+        ``batch_size`` is what the function is called with for a phase without its own.
+        Each record has ``epoch`` (from 1), ``phase`` (its name, or None), ``steps``, every block's mean ``loss/k``
+        and ``acc/k`` over the epoch, and with ``test`` the :meth:`evaluate` figures; ``on_epoch`` sees each record as
+        it is made. The learning-rate schedule is the learner's (``total_steps``, ``steps_per_epoch``); ``fit``
+        neither changes it nor checkpoints: ``locallearn train`` does both. It is the loop a user writes by hand::
+
+            for phase in learner.method.phases(epochs):   # or [None] * epochs
+                for e in range(phase.epochs):
+                    learner.set_phase(phase, e)
+                    for batch in loader_of(phase.batch_size): learner.train_step(batch)
+        """
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise UserError(f"fit(epochs={epochs!r}): use a whole number of epochs, at least 1")
+
+        own_size = getattr(train, "batch_size", None)
+        resizable = not callable(train) and hasattr(train, "set_batch_size")  # locallearn's loaders (build_data)
+
+        def loader(size: int | None, epoch: int = 0) -> Iterable:
+            if callable(train):
+                return train(size or batch_size)
+            if resizable:
+                train.set_batch_size(size or own_size)
+            elif size is not None and own_size != size:
+                raise UserError(
+                    f"{self.method.name} trains a phase at batch {size}, but fit() was given a loader of batch "
+                    f"{own_size}: pass train as a function of the batch size, e.g. lambda b: DataLoader(dataset, b, "
+                    "shuffle=True)"
+                )
+            if hasattr(train, "set_epoch"):  # locallearn's loaders: each epoch's order is a function of its index
+                train.set_epoch(epoch)
+            return train
+
+        if not self.built:  # the method's phases depend on the blocks: cut the model on a first batch
+            first = next(iter(loader(None)), None)
+            if first is None:
+                raise UserError("fit() was given an empty training set: its loader yielded no batch")
+            self.build(tuple(as_batch(first, self.device).x.shape[1:]))
+        phases = self.method.phases(epochs)
+        schedule = (
+            [(None, e) for e in range(epochs)] if phases is None else [(p, e) for p in phases for e in range(p.epochs)]
+        )
+        records: list[dict] = []
+        try:
+            for phase, phase_epoch in schedule:
+                self.set_phase(phase, phase_epoch)
+                sums: dict[str, Tensor] = {}
+                steps = 0
+                for batch in loader(phase.batch_size if phase is not None else None, len(records)):
+                    for key, value in self.train_step(batch).items():
+                        sums[key] = sums[key] + value if key in sums else value.clone()
+                    steps += 1
+                if steps == 0:
+                    raise UserError(f"fit(): epoch {len(records) + 1}'s loader yielded no batch")
+                record: dict[str, Any] = {"epoch": len(records) + 1, "phase": phase.name if phase else None}
+                record["steps"] = steps
+                record.update({key: (value / steps).item() for key, value in sums.items()})
+                if test is not None:
+                    record.update(self.evaluate(test))
+                records.append(record)
+                if on_epoch is not None:
+                    on_epoch(record)
+        finally:
+            self.set_phase(None)  # afterwards every block learns again, as before the call
+            if resizable:
+                train.set_batch_size(own_size)
+        return records
 
     def evaluate(self, batches: Iterable) -> dict:
         """Test accuracy and per-block auxiliary accuracies over ``batches``: a ``DataLoader`` of ``(x, y)`` pairs,

@@ -241,3 +241,51 @@ def test_evaluation_reports_top5_accuracy_with_more_than_five_classes(classes):
     top5 = sum((out.topk(5, 1).indices == y[:, None]).any(1).sum().item() for out, y in logits) / 48
     assert report["test_accuracy"] == pytest.approx(top1) and report["test_top5_accuracy"] == pytest.approx(top5)
     assert top5 >= top1 and top5 > 0
+
+
+def test_fit_is_the_hand_written_epoch_loop_and_reports_each_epoch():
+    batches = make_batches(3, batch_size=4)
+    test = [(b.x, b.y) for b in make_batches(2, batch_size=4, seed=1)]
+    by_hand, fitted = make_learner("dgl+man", k=3), make_learner("dgl+man", k=3)
+    for _ in range(2):
+        for b in batches:
+            by_hand.train_step(b)
+    seen = []
+    records = fitted.fit(batches, epochs=2, test=test, on_epoch=seen.append)
+    for a, b in zip(by_hand.state_dict()["model"].values(), fitted.state_dict()["model"].values()):
+        assert torch.equal(a, b)
+    assert seen == records and [r["epoch"] for r in records] == [1, 2] and records[0]["phase"] is None
+    assert records[1]["steps"] == 3 and set(records[1]) >= {"loss/0", "loss/2", "acc/0", "acc/2", "test_accuracy"}
+    assert records[1]["test_accuracy"] == fitted.evaluate(test)["test_accuracy"]
+    with pytest.raises(UserError, match="epochs"):
+        fitted.fit(batches, epochs=0)
+
+
+def test_fit_builds_an_unbuilt_learner_on_a_first_batch_and_refuses_an_empty_loader():
+    torch.manual_seed(0)
+    learner = LocalLearner(create_model("resnet20", num_classes=10, in_channels=1), "dgl", 2)
+    assert not learner.built
+    records = learner.fit([(b.x, b.y) for b in make_batches(2, batch_size=4)], epochs=1)
+    assert learner.built and learner.step == 2 and records[0]["steps"] == 2
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="empty"):
+        LocalLearner(create_model("resnet20", num_classes=10, in_channels=1), "dgl", 2).fit([], epochs=1)
+
+
+def test_fit_gives_a_locallearn_loader_each_epochs_index_and_restores_its_batch_size():
+    from locallearn import DataConfig, build_data
+
+    train, test, info = build_data(
+        DataConfig(name="synthetic", synthetic_train_size=40, synthetic_test_size=16, image_size=12), 8
+    )
+    by_hand = make_learner("dgl", k=2, shape=(3, 12, 12))
+    fitted = make_learner("dgl", k=2, shape=(3, 12, 12))
+    for epoch in range(2):
+        train.set_epoch(epoch)  # the run's data order: a function of (seed, epoch)
+        for b in train:
+            by_hand.train_step(b)
+    records = fitted.fit(train, epochs=2, test=test)
+    assert [r["steps"] for r in records] == [5, 5]
+    for a, b in zip(by_hand.state_dict()["model"].values(), fitted.state_dict()["model"].values()):
+        assert torch.equal(a, b)
+    assert train.batch_size == 8

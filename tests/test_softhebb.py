@@ -241,3 +241,25 @@ def test_the_standardised_probe_feeds_the_classifier_unit_scale_features_and_lea
     assert seen["x"].mean(0).abs().max() < 1e-5 and (seen["x"].var(0, unbiased=False) - 1).abs().max() < 1e-3
     with pytest.raises(UserError, match="standardise"):
         create_model("softhebb2", widths=[4, 8], standardise="yes")
+
+
+def test_fit_runs_the_phases_each_at_its_batch_size_and_refuses_a_loader_of_another():
+    model, learner = _tiny(mode="successive")
+    images = torch.rand(40, 1, 12, 12, dtype=torch.float64)
+    labels = torch.randint(0, 10, (40,))
+    asked = []
+
+    def loader(batch_size):
+        asked.append(batch_size)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size)
+
+    before = [c.weight.detach().clone() for c in hebbian_convs(model)]
+    records = learner.fit(loader, epochs=2, batch_size=20)
+    # two Hebbian phases of one epoch at batch 10 (4 steps each), then the classifier's 2 epochs at batch 20
+    assert asked == [10, 10, 20, 20] and [r["phase"] for r in records] == ["hebbian1", "hebbian2"] + ["classifier"] * 2
+    assert [r["steps"] for r in records] == [4, 4, 2, 2] and learner.step == 12
+    assert all(not torch.equal(c.weight, w) for c, w in zip(hebbian_convs(model), before))
+    assert learner.phase is None  # afterwards every block learns again
+    plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), 20)
+    with pytest.raises(UserError, match="function of the batch size"):
+        learner.fit(plain, epochs=1)
