@@ -28,6 +28,7 @@ from locallearn.errors import CheckpointError, NonFiniteError, UserError
 from locallearn.feature_heads import canonical_shape
 from locallearn.heads import Shape
 from locallearn.methods import LocalMethod, Phase, SetupInfo, create_method
+from locallearn.metrics import RunningMeans
 from locallearn.models import LayeredModel, as_layered, describe_split, layout_of, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
 from locallearn.options import AMP, CHECKPOINTING, NONFINITE, STEP_ORDERS
@@ -434,10 +435,10 @@ class LocalLearner:
         it is made. The learning-rate schedule is the learner's (``total_steps``, ``steps_per_epoch``); ``fit``
         neither changes it nor checkpoints: ``locallearn train`` does both. It is the loop a user writes by hand::
 
-            for phase in learner.method.phases(epochs):   # or [None] * epochs
-                for e in range(phase.epochs):
-                    learner.set_phase(phase, e)
-                    for batch in loader_of(phase.batch_size): learner.train_step(batch)
+            for phase, e in learner.method.epoch_phases(epochs):   # phase None: every block learns
+                learner.set_phase(phase, e)
+                for batch in loader_of(phase.batch_size if phase else None):
+                    learner.train_step(batch)
         """
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise UserError(f"fit(epochs={epochs!r}): use a whole number of epochs, at least 1")
@@ -465,25 +466,18 @@ class LocalLearner:
             if first is None:
                 raise UserError("fit() was given an empty training set: its loader yielded no batch")
             self.build(tuple(as_batch(first, self.device).x.shape[1:]))
-        phases = self.method.phases(epochs)
-        schedule = (
-            [(None, e) for e in range(epochs)] if phases is None else [(p, e) for p in phases for e in range(p.epochs)]
-        )
         records: list[dict] = []
         try:
-            for phase, phase_epoch in schedule:
+            for phase, phase_epoch in self.method.epoch_phases(epochs):
                 self.set_phase(phase, phase_epoch)
-                sums: dict[str, Tensor] = {}
-                steps = 0
+                means = RunningMeans()  # the runner's per-epoch means: sums on the device, one sync per epoch
                 for batch in loader(phase.batch_size if phase is not None else None, len(records)):
-                    for key, value in self.train_step(batch).items():
-                        sums[key] = sums[key] + value if key in sums else value.clone()
-                    steps += 1
-                if steps == 0:
+                    means.update(self.train_step(batch))
+                if means.count == 0:
                     raise UserError(f"fit(): epoch {len(records) + 1}'s loader yielded no batch")
                 record: dict[str, Any] = {"epoch": len(records) + 1, "phase": phase.name if phase else None}
-                record["steps"] = steps
-                record.update({key: (value / steps).item() for key, value in sums.items()})
+                record["steps"] = means.count
+                record.update(means.means())
                 if test is not None:
                     record.update(self.evaluate(test))
                 records.append(record)

@@ -491,20 +491,19 @@ def epoch_schedule(learner: LocalLearner, loader, cfg: RunConfig) -> list[tuple[
     (:meth:`locallearn.methods.LocalMethod.phases`, each at its own batch size), or ``--epochs`` epochs in which
     every block learns (phase None). The run's epoch index, its order and its augmentation stay what they are
     without phases, so a resumed run finds its phase from the checkpoint's epoch alone."""
-    phases = learner.method.phases(cfg.train.epochs)
-    if phases is None:
-        return [(None, e, cfg.train.batch_size, len(loader)) for e in range(cfg.train.epochs)]
     schedule = []
-    for phase in phases:
-        batch_size = phase.batch_size or cfg.train.batch_size
-        loader.set_batch_size(batch_size)
-        if len(loader) == 0:
-            raise UserError(
-                f"{learner.method.name}'s {phase.name} phase trains at batch {batch_size}, more than the "
-                f"{loader.num_examples} training examples: lower its batch size or raise --limit-train"
-            )
-        schedule += [(phase, e, batch_size, len(loader)) for e in range(phase.epochs)]
-    loader.set_batch_size(schedule[0][2])
+    for phase, phase_epoch in learner.method.epoch_phases(cfg.train.epochs):
+        batch_size = (phase.batch_size if phase is not None else None) or cfg.train.batch_size
+        if phase is not None and phase_epoch == 0:
+            loader.set_batch_size(batch_size)
+            if len(loader) == 0:
+                raise UserError(
+                    f"{learner.method.name}'s {phase.name} phase trains at batch {batch_size}, more than the "
+                    f"{loader.num_examples} training examples: lower its batch size or raise --limit-train"
+                )
+        schedule.append((phase, phase_epoch, batch_size, len(loader)))
+    if schedule[0][0] is not None:
+        loader.set_batch_size(schedule[0][2])
     return schedule
 
 

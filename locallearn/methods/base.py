@@ -197,6 +197,14 @@ class LocalMethod(nn.Module):
         learns at the run's batch size."""
         return None
 
+    def epoch_phases(self, epochs: int) -> list[tuple[Phase | None, int]]:
+        """Every epoch of a run of ``epochs`` as (its phase, its index within the phase): :meth:`phases` laid out epoch
+        by epoch, or ``epochs`` epochs of phase None. ``locallearn train`` and :meth:`LocalLearner.fit` both walk it."""
+        phases = self.phases(epochs)
+        if phases is None:
+            return [(None, e) for e in range(epochs)]
+        return [(phase, e) for phase in phases for e in range(phase.epochs)]
+
     def report(self) -> dict[str, float]:
         """Numbers about the method's state for the log and the metrics at the end of every epoch."""
         return {}
