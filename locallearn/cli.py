@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "data_dir": "data.data_dir",
     "limit_train": "data.limit_train",
     "limit_test": "data.limit_test",
+    "holdout": "data.holdout",
     "image_size": "data.image_size",
     "in_channels": "data.in_channels",
     "num_classes": "data.num_classes",
@@ -81,6 +82,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "--limit-test",
         type=_limit,
         help="use the first N test examples (ImageNet: spread over the classes), or 'all' (default)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=int,
+        help="hold the last N training examples out and evaluate on them instead of the test set (a validation "
+        "split for choosing hyper-parameters; in-memory datasets)",
     )
     p.add_argument("--image-size", type=int, help="synthetic: image side")
     p.add_argument("--in-channels", type=int, help="synthetic: image channels")

@@ -300,6 +300,20 @@ def _style(group: Group, index: int) -> dict[str, Any]:
     return {"color": f"C{index % 10}", "linestyle": "-", "linewidth": 1.6}
 
 
+def holdout_warning(runs: list[Run]) -> list[str]:
+    """A line naming the runs that evaluated on a held-out part of the training set (``--holdout``), so their
+    "test" figures are not read as test figures; empty when every run read the test set."""
+    held = [r for r in runs if r.summary.get("evaluated_on", "test") != "test"]
+    if not held:
+        return []
+    names = ", ".join(f"`{r.path}`" for r in held)
+    return [
+        f"**Validation, not test**: {len(held)} of {len(runs)} runs evaluated on a held-out part of their training "
+        f"set (`--holdout`), so their 'test' figures are validation figures: {names}.",
+        "",
+    ]
+
+
 def plot_accuracy_per_epoch(groups: list[Group], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=PLOT_SIZE)
@@ -432,6 +446,7 @@ def write_report(paths: list[Path], out: Path, title: str = "locallearn report",
         "",
         table(groups),
         "",
+        *holdout_warning(runs),
         *effect,
         *([""] if effect else []),
         "Test accuracy is the final epoch's (mean ± sd over seeds); best epoch is the best epoch's per run, averaged. "
@@ -473,5 +488,6 @@ def label_of(run: Run, groups: list[Group]) -> str:
 
 def terminal_summary(paths: list[Path]) -> str:
     """The table and the gap lines only (what ``locallearn report`` prints)."""
-    groups = group_runs([load_run(p) for p in find_runs(paths)])
-    return "\n".join([table(groups), *gap_closed(groups)])
+    runs = [load_run(p) for p in find_runs(paths)]
+    groups = group_runs(runs)
+    return "\n".join([table(groups), *holdout_warning(runs)[:1], *gap_closed(groups)])

@@ -354,6 +354,13 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
             train_loader.num_examples,
             cfg.data.name,
         )
+    if cfg.data.holdout is not None:
+        log.warning(
+            "evaluating on the last %d training examples of %s (--holdout), not on its test set: every 'test' "
+            "figure of this run is a validation figure",
+            cfg.data.holdout,
+            cfg.data.name,
+        )
     out = prepare_run_dir(cfg, create=writer)
     if ctx is not None:
         from locallearn.distributed.context import broadcast_object
@@ -449,6 +456,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         "boundaries": learner.bounds,
         "epochs": len(history),
         "steps": learner.step,
+        "evaluated_on": "test" if (n := cfg.data.holdout) is None else f"holdout of the last {n} training examples",
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
         "test_top5_accuracy": history[-1].get("test_top5_accuracy") if history else None,
         "best_test_accuracy": max((r["test_accuracy"] for r in history), default=None),
@@ -650,11 +658,12 @@ def _end_epoch(
     tb.end_epoch(row, method_report, max(memory.last["train"], memory.last["eval"]))
     blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
     log.info(
-        "epoch %d/%d step %d  train loss %s  test acc %.4f%s  blocks [%s]  %.0f img/s",
+        "epoch %d/%d step %d  train loss %s  %s acc %.4f%s  blocks [%s]  %.0f img/s",
         row["epoch"],
         epochs,
         learner.step,
         f"{last_loss:.4f}" if (last_loss := train_stats.get(f"loss/{len(learner.blocks) - 1}")) is not None else "-",
+        "test" if cfg.data.holdout is None else "holdout",
         report["test_accuracy"],
         "" if (top5 := report.get("test_top5_accuracy")) is None else f" (top-5 {top5:.4f})",
         blocks,

@@ -75,6 +75,21 @@ def test_train_writes_a_run_and_eval_reproduces_it(tmp_path, capsys):
     assert report["block_accuracies"] == summary["block_accuracies"]
 
 
+def test_a_holdout_run_says_it_evaluated_on_validation_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--method", "e2e", "--max-steps", "2", "--holdout", "16", "--out", out]
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["evaluated_on"] == "holdout of the last 16 training examples"
+    assert "holdout: 16" in (out / "config.yaml").read_text()
+    code, stdout, _ = run_cli(["eval", "--checkpoint", out / "checkpoint.pt"], capsys)
+    assert code == 0 and json.loads(stdout)["test_accuracy"] == summary["test_accuracy"]  # the same held-out set
+    code, stdout, _ = run_cli(["report", out, "-o", tmp_path / "rep"], capsys)
+    assert code == 0 and "Validation, not test" in (tmp_path / "rep" / "report.md").read_text()
+    assert "Validation, not test" in stdout
+
+
 def test_same_seed_same_fingerprint(tmp_path, capsys):
     prints = []
     for name in ("a", "b"):

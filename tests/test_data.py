@@ -220,6 +220,22 @@ def test_pad_channels_limit(tmp_path: Path) -> None:
     assert cifar.mean == CIFAR10_INFO.mean[:1] and cifar.std == CIFAR10_INFO.std[:1]
 
 
+def test_holdout_evaluates_on_the_training_tail_and_never_on_the_test_set(tmp_path: Path) -> None:
+    root = str(write_fmnist(tmp_path, n_train=12, n_test=5))
+    full_x, full_y, *_ = load_arrays(DataConfig(name="fashion-mnist", data_dir=root))
+    tx, ty, vx, vy, _ = load_arrays(DataConfig(name="fashion-mnist", data_dir=root, holdout=4, limit_train=5))
+    # limit_train keeps the first 5, the held-out set is the last 4: disjoint, and the test file is not read into it
+    assert torch.equal(tx, full_x[:5]) and torch.equal(ty, full_y[:5])
+    assert torch.equal(vx, full_x[8:]) and torch.equal(vy, full_y[8:])
+    tx, _, vx, _, _ = load_arrays(DataConfig(name="fashion-mnist", data_dir=root, holdout=4, limit_test=3))
+    assert torch.equal(tx, full_x[:8]) and torch.equal(vx, full_x[8:11])
+    for bad in (12, 0):
+        with pytest.raises(UserError, match="holdout"):
+            load_arrays(DataConfig(name="fashion-mnist", data_dir=root, holdout=bad))
+    with pytest.raises(UserError, match="holdout applies to in-memory"):
+        build_data(DataConfig(name="imagenet", data_dir=str(tmp_path), holdout=10), 4)
+
+
 def test_synthetic() -> None:
     cfg = DataConfig(name="synthetic", image_size=8, in_channels=1, num_classes=4, synthetic_train_size=40)
     tx, ty, vx, _, info = load_arrays(cfg)

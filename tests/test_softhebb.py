@@ -135,6 +135,18 @@ def test_classifier_step_schedule_and_refusals():
         _tiny(mode="greedy")
     with pytest.raises(UserError, match="widths"):
         create_model("softhebb2", widths=[8])
+    with pytest.raises(UserError, match="t_invert"):
+        create_model("softhebb2", t_invert=[1.0, -0.5])
+
+
+def test_per_layer_temperature_and_rate_replace_the_presets_and_reach_the_rule():
+    model = create_model("softhebb2", in_channels=1, image_size=12, widths=[6, 8], t_invert=[2, 0.5], eta0=[0.1, 0.02])
+    convs = hebbian_convs(model)
+    assert [(c.t_invert, c.eta0) for c in convs] == [(2.0, 0.1), (0.5, 0.02)]
+    preset = hebbian_convs(create_model("softhebb2", in_channels=1, image_size=12, widths=[6, 8]))
+    assert [(c.t_invert, c.eta0) for c in preset] == [(1.0, 0.08), (0.65, 0.005)]  # the paper's, when not given
+    learner = LocalLearner(model, "softhebb", K=3, split="layerwise", input_shape=(1, 12, 12))
+    assert [g["eta0"] for k in (0, 1) for g in learner.optimizers[k].param_groups] == [0.1, 0.02]
 
 
 def test_triangle_has_finite_gradients_for_end_to_end_backprop():

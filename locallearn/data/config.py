@@ -14,7 +14,11 @@ class DataConfig:
         data_dir: Root directory; ``None`` means the dataset's default search path.
         download: Let torchvision download the files (machines with internet only).
         limit_train: Keep the first N training examples in file order.
-        limit_test: Keep the first N test examples in file order.
+        limit_test: Keep the first N test examples in file order (of the held-out examples with ``holdout``).
+        holdout: Hold the last N training examples (in file order) out of training and evaluate on them in place
+            of the test set: a validation split, for choosing hyper-parameters without reading the test set.
+            ``limit_train`` then keeps the first N of the rest, so the two never overlap. In-memory datasets only
+            (ImageNet's val split is its own); the held-out examples get the test set's treatment (no augmentation).
         augment: Apply the dataset's standard train augmentation.
         pad_to: Zero-pad images symmetrically to this square size (e.g. 28 -> 32).
         channels: Repeat a 1-channel image to this many channels (e.g. 3).
@@ -36,6 +40,7 @@ class DataConfig:
     download: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
+    holdout: int | None = None
     augment: bool = True
     pad_to: int | None = None
     channels: int | None = None

@@ -117,7 +117,7 @@ def synthetic(cfg: DataConfig) -> Arrays:
 
 
 def _check_config(cfg: DataConfig) -> None:
-    for field in ("limit_train", "limit_test", "pad_to", "channels"):
+    for field in ("limit_train", "limit_test", "holdout", "pad_to", "channels"):
         value = getattr(cfg, field)
         if value is not None and value < 1:
             flag = "--" + field.replace("_", "-")
@@ -157,6 +157,16 @@ def load_arrays(cfg: DataConfig) -> Arrays:
     _check_config(cfg)
     loader: Callable[[DataConfig], Arrays] = DATASETS.get(cfg.name)
     train_x, train_y, test_x, test_y, info = loader(cfg)
+    if cfg.holdout is not None:
+        keep = len(train_x) - cfg.holdout
+        if keep < 1:
+            raise UserError(
+                f"holdout={cfg.holdout} leaves no training examples ({info.name} has {len(train_x)}): "
+                f"hold out fewer than {len(train_x)}"
+            )
+        # The test set is replaced by the held-out tail; it is never read, so no test figure can leak into a choice.
+        test_x, test_y = train_x[keep:].clone(), train_y[keep:].clone()
+        train_x, train_y = train_x[:keep], train_y[:keep]
     # Slicing keeps views of the full tensors; clone so the rest can be freed.
     if cfg.limit_train is not None and cfg.limit_train < len(train_x):
         train_x, train_y = train_x[: cfg.limit_train].clone(), train_y[: cfg.limit_train].clone()

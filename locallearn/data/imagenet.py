@@ -275,6 +275,11 @@ def imagenet_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     for field in ("pad_to", "channels"):
         if getattr(cfg, field) is not None:
             raise UserError(f"{field} does not apply to imagenet (use crop_size): drop the {field} option")
+    if cfg.holdout is not None:
+        raise UserError(
+            "holdout applies to in-memory datasets, not imagenet: evaluate on its val split, or lay a validation "
+            "split of train/ out as another <root> and pass that with --data-dir"
+        )
     if cfg.crop_pad_mode != "dataset":  # RandomResizedCrop does not pad
         raise UserError("crop_pad_mode does not apply to imagenet (its crop does not pad): drop the option")
     if cfg.crop_size < 1:

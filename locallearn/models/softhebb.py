@@ -14,6 +14,7 @@ Paper symbol ↔ code: u = ``HebbConv2d`` output (the layer's pre-activation), W
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -219,6 +220,8 @@ def softhebb_net(
     in_channels: int = 3,
     image_size: int | tuple[int, int] = 32,
     widths: list[int] | None = None,
+    t_invert: list[float] | None = None,
+    eta0: list[float] | None = None,
     layers: int | None = None,
     radius: float = 25.0,
     dropout: float | None = None,
@@ -230,6 +233,9 @@ def softhebb_net(
     Args:
         widths: channels per Hebbian layer, replacing the preset's (e.g. ``[32, 128]`` for a CPU run); the other
             constants of each layer stay the preset's.
+        t_invert: 1/τ per Hebbian layer, replacing the preset's (the paper's appendix B.1/B.2 sweeps it: the
+            preset's values were chosen for CIFAR's 3-channel 5×5 patches).
+        eta0: η0 per Hebbian layer, replacing the preset's.
         layers: keep only the preset's first ``layers`` Hebbian layers (e.g. 2 of ``softhebb3``: the reference's CPU
             "Net B"); applied before ``widths``.
         radius: initial filter norm r0.
@@ -247,16 +253,17 @@ def softhebb_net(
         if not isinstance(layers, int) or not 1 <= layers <= len(specs):
             raise UserError(f"{preset} has {len(specs)} Hebbian layers: layers={layers} must be 1 .. {len(specs)}")
         specs = specs[:layers]
-    if widths is not None:
-        widths = list(widths)
-        if len(widths) != len(specs) or any(not isinstance(w, int) or w < 1 for w in widths):
-            raise UserError(
-                f"{preset} has {len(specs)} Hebbian layers: widths={widths} must be {len(specs)} positive integers"
-            )
-        specs = tuple(
-            HebbLayerSpec(w, *(vars(s)[f] for f in ("k", "t_invert", "eta0", "p", "pool", "pre_triangle")))
-            for w, s in zip(widths, specs)
-        )
+    for field, values, kind in (("channels", widths, int), ("t_invert", t_invert, float), ("eta0", eta0, float)):
+        if values is None:
+            continue
+        values = list(values)
+        name = "widths" if field == "channels" else field
+        allowed = int if kind is int else (int, float)
+        ok = [isinstance(v, allowed) and not isinstance(v, bool) and v > 0 for v in values]
+        if len(values) != len(specs) or not all(ok):
+            what = "positive integers" if kind is int else "positive numbers"
+            raise UserError(f"{preset} has {len(specs)} Hebbian layers: {name}={values} must be {len(specs)} {what}")
+        specs = tuple(dataclasses.replace(s, **{field: kind(v)}) for s, v in zip(specs, values))
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     layers: list[nn.Module] = []
     channels = in_channels
@@ -291,4 +298,4 @@ for _name in PRESETS:
     _factory = MODELS.register(_name)(lambda _n=_name, **kw: softhebb_net(_n, **kw))
     _factory.sized = True  # create_model passes image_size: the classifier's width depends on it
     # what create_model passes through
-    _factory.options = ("widths", "layers", "radius", "dropout", "activation", "standardise")
+    _factory.options = ("widths", "t_invert", "eta0", "layers", "radius", "dropout", "activation", "standardise")
