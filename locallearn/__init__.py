@@ -9,6 +9,7 @@ from locallearn.data import Batch, DataConfig, build_data
 from locallearn.errors import UserError
 from locallearn.learner import LocalLearner
 from locallearn.methods import METHODS, LocalMethod, create_method, register_method
+from locallearn.mixing import BatchMixer
 from locallearn.models import MODELS, LayeredModel, create_model, resolve_split, split_model
 from locallearn.optim import OptimConfig, lr_at
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "BatchMixer",
     "DataConfig",
     "LayeredModel",
     "LocalLearner",

@@ -29,6 +29,7 @@ from locallearn.measure import estimated_step_bytes
 from locallearn.memory import active_fake_mode, balanced_boundaries, estimate_peak, split_cost, split_costs
 from locallearn.models import MODELS, LayeredModel, as_layered, create_model, resolve_split
 from locallearn.module_copy import fake_copy
+from locallearn.optim import OptimConfig
 from locallearn.options import CHECKPOINTING
 
 MiB = 2**20
@@ -44,6 +45,7 @@ class BenchConfig:
     batch_size: int = 1024
     method: str = "infopro+man"
     method_options: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)  # OptimConfig fields (the optimizer's state is memory too)
     ks: list[int] = field(default_factory=lambda: [2, 3, 4])
     splits: list[str] = field(default_factory=lambda: ["even", "balanced"])
     local_checkpointing: list[str] = field(default_factory=lambda: ["none"])  # "aux": recompute auxiliary nets
@@ -151,6 +153,7 @@ def _builder(
             device=device,
             checkpointing=checkpointing,
             channels_last=cfg.channels_last and channels_last,
+            optim=OptimConfig(**cfg.optim),
         )
 
     return build

@@ -36,6 +36,11 @@ TRAIN_FLAGS = {
     "batch_size": "train.batch_size",
     "lr": "optim.lr",
     "weight_decay": "optim.weight_decay",
+    "optimizer": "optim.name",
+    "clip_grad_norm": "optim.clip_grad_norm",
+    "label_smoothing": "train.label_smoothing",
+    "mixup": "train.mixup",
+    "cutmix": "train.cutmix",
     "seed": "train.seed",
     "device": "train.device",
     "out": "train.out",
@@ -110,6 +115,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--weight-decay", type=float)
+    p.add_argument(
+        "--optimizer",
+        help="sgd (default), adamw, adam, rmsprop, or a timm optimizer (lamb, lion, adan, ...); betas, eps, "
+        "weight-decay groups as --optim.betas=[0.9,0.95] --optim.filter_bias_and_bn=true",
+    )
+    p.add_argument("--clip-grad-norm", type=float, help="clip each block's gradient to this total norm")
+    p.add_argument("--label-smoothing", type=float, help="ε of every classifier's cross-entropy (aux heads too)")
+    p.add_argument("--mixup", type=float, help="mixup α (timm's Mixup; 0: off)")
+    p.add_argument("--cutmix", type=float, help="cutmix α (0: off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=AMP)
@@ -246,18 +260,26 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
     from locallearn.config import parse_value
     from locallearn.metrics import resolve_device
 
-    options, model_kwargs = {}, {}
+    options, model_kwargs, optim = {}, {}, {}
     for item in rest:
         key, sep, value = item.partition("=")
         if key == "--model.kwargs" and sep and isinstance(parse_value(value), dict):
             model_kwargs = parse_value(value)
         elif key.startswith("--method.") and sep:
             options[key[len("--method.") :]] = parse_value(value)
+        elif key.startswith("--optim.") and sep:  # the optimizer's state is part of the memory (AdamW keeps two)
+            optim[key[len("--optim.") :]] = parse_value(value)
         else:
             raise UserError(
-                f"unrecognised argument {item!r}: bench takes --method.<option>=<value> overrides and "
-                '--model.kwargs="{...}"'
+                f"unrecognised argument {item!r}: bench takes --method.<option>=<value> and --optim.<field>=<value> "
+                'overrides and --model.kwargs="{...}"'
             )
+    if optim:
+        from locallearn.config import RunConfig, set_field
+
+        checked = RunConfig()
+        for key, value in optim.items():
+            set_field(checked, f"optim.{key}", value)  # the train command's type checks and messages
     cfg = BenchConfig(
         arch=args.arch,
         model_kwargs=model_kwargs,
@@ -267,6 +289,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None)
         batch_size=args.batch_size,
         method=args.method,
         method_options=options,
+        optim=optim,
         ks=args.K,
         splits=args.split,
         local_checkpointing=args.local_checkpointing,

@@ -20,8 +20,8 @@ import yaml
 
 from locallearn.data import DataConfig
 from locallearn.errors import UserError
-from locallearn.optim import OptimConfig
-from locallearn.options import TENSORBOARD
+from locallearn.optim import SCHEDULES, OptimConfig, check_optim
+from locallearn.options import AMP, MIXUP_MODES, TENSORBOARD
 
 
 @dataclass
@@ -50,7 +50,14 @@ class TrainConfig:
         sizes), so evaluation never needs more memory than training.
     seed: seeds weights, data order and augmentation.
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ….
-    amp: "none" or "bf16" autocast.
+    amp: "none", "bf16" autocast, or "fp16" autocast with one gradient scaler per block (CUDA only).
+    label_smoothing: ε of every classifier's cross-entropy: the network's and every auxiliary head's.
+    mixup: mixup's α (timm's ``Mixup``; 0: off). Every block trains on the mixed batch and every cross-entropy reads
+        its soft targets; InfoPro reconstructs the mixed image (locallearn.mixing).
+    cutmix: cutmix's α (0: off); with both on, a batch gets one or the other (``mixup_switch_prob``).
+    mixup_prob: probability that a batch is mixed at all.
+    mixup_switch_prob: with mixup and cutmix both on, probability of cutmix.
+    mixup_mode: "batch", "pair" or "elem": one λ per batch, per pair of images or per image.
     step_order: "per_block" (each block steps after its own backward) or "after_all" (reference order).
     channels_last: NHWC memory format for weights and inputs (faster on CPU oneDNN and GPU tensor cores).
     checkpointing: what to recompute in backward instead of storing: "none", "stage" (each stage inside each
@@ -89,6 +96,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
     step_order: str = "per_block"
     channels_last: bool = True
     checkpointing: str = "none"
@@ -283,14 +296,15 @@ _POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train
              "data.synthetic_train_size", "data.synthetic_test_size", "data.crop_size", "data.pad_to",
              "data.channels", "train.malloc_mmap_threshold")  # fmt: skip
 _NON_NEGATIVE = ("train.seed", "train.checkpoint_every", "data.workers", "dist.staleness", "optim.weight_decay",
-                 "optim.warmup_epochs", "train.log_every")  # fmt: skip
+                 "optim.warmup_epochs", "train.log_every", "train.mixup", "train.cutmix")  # fmt: skip
 _CHOICES = {
     "train.step_order": ("per_block", "after_all"),
-    "train.amp": ("none", "bf16"),
+    "train.amp": AMP,
+    "train.mixup_mode": MIXUP_MODES,
     "train.checkpointing": ("none", "stage", "aux", "stage+aux"),
     "train.nonfinite": ("stop", "skip", "off"),
     "train.tensorboard": TENSORBOARD,
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": SCHEDULES,
     "optim.schedule_unit": ("step", "epoch"),
     "dist.parallel": ("auto", "none", "data", "pipeline"),
     "data.crop_pad_mode": ("dataset", "constant", "reflect"),
@@ -322,6 +336,12 @@ def validate(cfg: RunConfig) -> None:
                         f"{cfg.optim.warmup_start_lr}")  # fmt: skip
     if not 0 <= cfg.optim.momentum < 1:
         raise UserError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    check_optim(cfg.optim)
+    if not 0 <= cfg.train.label_smoothing < 1:
+        raise UserError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(cfg.train, name) <= 1:
+            raise UserError(f"train.{name} must be in [0, 1], got {getattr(cfg.train, name)}")
     if cfg.train.keep_checkpoints < 2:
         raise UserError(f"train.keep_checkpoints must be >= 2 (a complete one survives a failed write), got "
                         f"{cfg.train.keep_checkpoints}")  # fmt: skip

@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 
 
 def autocast_context(device: torch.device, amp: str | None) -> ContextManager:
-    """bf16 autocast when asked for, else a no-op context (nanoGPT's ``ctx``)."""
+    """bf16 or fp16 autocast when asked for, else a no-op context (nanoGPT's ``ctx``)."""
     if amp in (None, "", "none"):
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
 def train_step(learner: LocalLearner, batch) -> dict[str, Tensor]:
@@ -67,7 +67,7 @@ def train_blocks(
     stats: dict[str, Tensor] = {}
 
     def step(k: int) -> None:  # block k's optimizer step (the guard may replace its loss by the reduced one)
-        stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"])
+        stats[f"loss/{k}"] = learner.step_block(k, stats[f"loss/{k}"], stats)
         if after_step is not None:
             after_step(k)
 
@@ -84,7 +84,7 @@ def train_blocks(
         with learner.autocast():
             out = learner.blocks[k](h)
             loss, logits = learner.method.local_loss(k, out, batch)
-        loss.backward()  # frees block k's graph: the memory saving of local learning happens here
+        learner.backward(k, loss)  # frees block k's graph: the memory saving of local learning happens here
         stats[f"loss/{k}"] = loss.detach()
         if learner.step_order == "per_block":
             step(k)

@@ -14,8 +14,10 @@ Every bit of training state (backbone, auxiliary nets, EMA copies, optimizer mom
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from locallearn.heads import Shape
 from locallearn.methods import LocalMethod, Phase, SetupInfo, create_method
 from locallearn.metrics import RunningMeans
 from locallearn.models import LayeredModel, as_layered, describe_split, layout_of, resolve_split, split_model
-from locallearn.optim import OptimConfig, build_optimizers, lr_at, set_lr
+from locallearn.optim import OptimConfig, build_optimizer, check_optim, lr_at, no_weight_decay_ids, set_lr
 from locallearn.options import AMP, CHECKPOINTING, NONFINITE, STEP_ORDERS
 
 
@@ -114,7 +116,11 @@ class LocalLearner:
         steps_per_epoch: optimizer steps per epoch (for warm-up and epoch-unit schedules).
         step_order: "per_block" or "after_all" (see :mod:`locallearn.engine`).
         device: where the model and the method live; batches are moved there.
-        amp: None (or "none") for full precision, "bf16" for bfloat16 autocast.
+        amp: None (or "none") for full precision, "bf16" for bfloat16 autocast, "fp16" for float16 autocast with one
+            ``GradScaler`` per block (CUDA only: a block whose scaler skips a step on overflow holds back no other).
+        label_smoothing: ε of every classifier's cross-entropy, the network's and every auxiliary one's.
+        mixing: mixes each training batch and gives it soft targets (a :class:`locallearn.mixing.BatchMixer`: mixup,
+            cutmix), which every cross-entropy of the method reads; None trains on the batches as they come.
         checkpointing: what to recompute in the backward pass instead of storing (:mod:`locallearn.recompute`):
             "none"; "stage" (each stage of each block: the memory-saving alternative local learning is measured
             against); "aux" (each segment of each auxiliary net: MAN's copies, heads, decoders); "stage+aux".
@@ -144,6 +150,8 @@ class LocalLearner:
         channels_last: bool = False,
         checkpointing: str = "none",
         nonfinite: str = "stop",
+        label_smoothing: float = 0.0,
+        mixing: Callable[[Batch, int], Batch] | None = None,
     ) -> None:
         if step_order not in STEP_ORDERS:
             raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(STEP_ORDERS)}")
@@ -156,14 +164,27 @@ class LocalLearner:
             raise UserError(f"unknown amp {amp!r}: use None or one of {', '.join(AMP)}")
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.device = torch.device(device)
+        if amp == "fp16" and self.device.type != "cuda":
+            raise UserError(
+                f"amp fp16 runs on CUDA only (float16 autocast with a gradient scaler per block), not on "
+                f"{self.device.type}: use --amp bf16 there, or none"
+            )
         self.source_model = _to_device(model, self.device)
         self.method = create_method(method, method_options) if isinstance(method, str) else method
+        self.method.label_smoothing = label_smoothing
+        if mixing is not None and (why := self.method.soft_target_refusal()):
+            raise UserError(why)
+        self.mixing = mixing
         if K is None and self.method.name == "e2e":
             K = 1
         self.K, self.split, self.method_options, self.checkpointing = K, split, method_options, checkpointing
         self.channels_last = channels_last
         self.optim_cfg = optim or OptimConfig()
+        check_optim(self.optim_cfg)
+        self.scalers: list[torch.amp.GradScaler] | None = None  # fp16: one per block, made by build()
         self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
         self.step_order, self.amp = step_order, None if amp == "none" else amp
         self.step = 0
@@ -237,10 +258,13 @@ class LocalLearner:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.method.to(memory_format=torch.channels_last)
-        self.optimizers = [  # the method's own optimizer for a block where it has one, else the run's SGD
-            self.method.make_optimizer(k, params, self.optim_cfg) or build_optimizers([params], self.optim_cfg)[0]
+        no_decay = no_weight_decay_ids(self.source_model)  # a ViT's position embedding, class token (timm)
+        self.optimizers = [  # the method's own optimizer for a block where it has one, else the run's
+            self.method.make_optimizer(k, params, self.optim_cfg) or build_optimizer(params, self.optim_cfg, no_decay)
             for k, params in enumerate(self.block_params(k) for k in range(len(self.blocks)))
         ]
+        if self.amp == "fp16":
+            self.scalers = [torch.amp.GradScaler(self.device.type) for _ in self.blocks]
         self.skipped_by_block = [0] * len(self.blocks)
         self._check_param_ownership()
 
@@ -337,10 +361,19 @@ class LocalLearner:
         if target is not None:
             batch = Batch(batch.x, batch.y, self._checked_target(target, batch.x))
         self.build(tuple(batch.x.shape[1:]))
-        if self.channels_last and batch.x.dim() == 4:
-            batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
+        batch = self.prepare_batch(batch)
         stats, _ = self.train_blocks(batch, batch.x, range(len(self.blocks)))
         return stats
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """A training batch as the blocks read it: mixed (mixup / cutmix, drawn for this step) when the learner has a
+        ``mixing``, and in channels-last memory format when the learner is. The first block's process calls it once
+        per step (a pipeline's stage 0 too), so every block trains on the same mixed batch."""
+        if self.mixing is not None:
+            batch = self.mixing(batch, self.step)
+        if self.channels_last and batch.x.dim() == 4:
+            batch = replace(batch, x=batch.x.contiguous(memory_format=torch.channels_last))
+        return batch
 
     def train_blocks(
         self,
@@ -382,15 +415,29 @@ class LocalLearner:
             )
         return target
 
-    def step_block(self, k: int, loss: Tensor | None = None) -> Tensor | None:
+    def backward(self, k: int, loss: Tensor) -> None:
+        """Block k's backward pass (its loss scaled by its own ``GradScaler`` under fp16)."""
+        (loss if self.scalers is None else self.scalers[k].scale(loss)).backward()
+
+    def step_block(self, k: int, loss: Tensor | None = None, stats: dict[str, Tensor] | None = None) -> Tensor | None:
         """Step block k's optimizer (after the non-finite guard, given its ``loss``) and free its gradients.
 
         With a ``grad_sync`` set (data-parallel training, :mod:`locallearn.distributed.data_parallel`) block k's
-        gradients and loss are first averaged across processes, so the guard decides alike on every rank. Returns the
-        loss the guard saw (the average, under data parallelism)."""
+        gradients and loss are first averaged across processes, so the guard decides alike on every rank. Under fp16
+        the gradients are unscaled first; an overflow is the block's scaler's to handle (it skips that block's step
+        and lowers its scale), so the guard then reads the loss only. With ``optim.clip_grad_norm`` the gradients are
+        clipped to that total norm, and ``stats["clip/k"]`` says whether they were. Returns the loss the guard saw
+        (the average, under data parallelism)."""
         if self.grad_sync is not None:
             loss = self.grad_sync(k, self.optimizers[k], loss)
-        if self.nonfinite != "off" and loss is not None and not self._finite(k, loss):
+        opt = self.optimizers[k]
+        scaler = self.scalers[k] if self.scalers is not None else None
+        if scaler is not None:
+            scaler.unscale_(opt)
+        clip = self.optim_cfg.clip_grad_norm
+        check = self.nonfinite != "off" and loss is not None
+        norm = self._grad_norm(opt, loss) if check or clip is not None else None
+        if check and not self._finite(loss, norm if scaler is None else None):
             if self.nonfinite == "stop":
                 raise NonFiniteError(
                     f"block {k} has a non-finite loss or gradient at step {self.step}{self.where} (loss "
@@ -398,20 +445,40 @@ class LocalLearner:
                     "--train.nonfinite=skip to skip such steps (a run's last checkpoint still holds finite weights)"
                 )
             self.skipped_by_block[k] += 1
-            self.optimizers[k].zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # unscale_ was called: the scaler expects its update before the next scale
             return loss
-        self.optimizers[k].step()
-        self.optimizers[k].zero_grad(set_to_none=True)  # frees block k's gradients before block k+1 runs
+        if clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(_with_grad(opt), clip, norm)
+            if stats is not None:
+                stats[f"clip/{k}"] = (norm > clip).float()  # averaged over the epoch: the fraction of steps clipped
+        if scaler is not None:
+            scaler.step(opt)  # skipped when this block's gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)  # frees block k's gradients before block k+1 runs
         self.method.after_step(k)
         return loss
 
-    def _finite(self, k: int, loss: Tensor) -> bool:
-        """Block k's loss and the norm of its gradients are finite (one host sync)."""
+    @staticmethod
+    def _grad_norm(opt: torch.optim.Optimizer, loss: Tensor | None) -> Tensor:
+        """Total L2 norm of the gradients ``opt`` steps with (a device tensor: no host sync)."""
+        grads = [p.grad for p in _with_grad(opt)]
+        if grads:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.zeros((), device=loss.device if loss is not None else None)
+
+    @staticmethod
+    def _finite(loss: Tensor, norm: Tensor | None) -> bool:
+        """The loss (and, given, the gradient norm) are finite (one host sync)."""
         if is_fake(loss):  # memory estimation and FLOP counting run on fake tensors: there are no values to check
             return True
-        grads = [p.grad for group in self.optimizers[k].param_groups for p in group["params"] if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
-        return bool(torch.isfinite(loss.float()) & torch.isfinite(total.to(loss.device).float()))
+        ok = torch.isfinite(loss.float())
+        if norm is not None:
+            ok = ok & torch.isfinite(norm.to(loss.device).float())
+        return bool(ok)
 
     def fit(
         self,
@@ -491,8 +558,16 @@ class LocalLearner:
 
     def evaluate(self, batches: Iterable) -> dict:
         """Test accuracy and per-block auxiliary accuracies over ``batches``: a ``DataLoader`` of ``(x, y)`` pairs,
-        or any iterable of pairs or :class:`Batch` objects."""
-        return engine.evaluate(self, (as_batch(b, self.device) for b in batches), reduce=self.eval_reduce)
+        or any iterable of pairs or :class:`Batch` objects. An unbuilt learner is cut on the first batch, as
+        :meth:`train_step` does (the accuracy at initialisation is a normal first call)."""
+        batches = (as_batch(b, self.device) for b in batches)
+        if not self.built:
+            first = next(batches, None)
+            if first is None:
+                raise UserError("evaluate() was given no batch: pass a non-empty loader")
+            self.build(tuple(first.x.shape[1:]))
+            batches = itertools.chain([first], batches)
+        return engine.evaluate(self, batches, reduce=self.eval_reduce)
 
     # -- reporting and state -------------------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:
@@ -515,6 +590,7 @@ class LocalLearner:
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
             "skipped_by_block": list(self.skipped_by_block),
+            **({"scalers": [s.state_dict() for s in self.scalers]} if self.scalers is not None else {}),
             "bounds": list(self.bounds),
             "input_shape": list(self.input_shape),
         }
@@ -542,6 +618,8 @@ class LocalLearner:
                 raise ValueError(f"{len(state['optimizers'])} optimizers in the checkpoint, {len(self.optimizers)} now")
             for opt, opt_state in zip(self.optimizers, state["optimizers"]):
                 opt.load_state_dict(opt_state)
+            for scaler, scaler_state in zip(self.scalers or [], state.get("scalers") or []):
+                scaler.load_state_dict(scaler_state)
         except (RuntimeError, ValueError, KeyError) as err:
             detail = " ".join(str(err).split())[:400]
             raise CheckpointError(
@@ -553,3 +631,8 @@ class LocalLearner:
         if skipped is None:  # checkpoints of earlier versions held one total ("skipped_steps"), or nothing
             skipped = [int(state.get("skipped_steps", 0))] + [0] * (len(self.blocks) - 1)
         self.skipped_by_block = [int(n) for n in skipped]
+
+
+def _with_grad(opt: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The parameters ``opt`` steps that hold a gradient."""
+    return [p for group in opt.param_groups for p in group["params"] if p.grad is not None]

@@ -13,6 +13,26 @@ def at_least_fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def soft_target_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy against a distribution over classes (mixup's and cutmix's targets, which already hold any label
+    smoothing): ``mean_i Σ_c −t_ic · log softmax(z_i)_c``. With a one-hot ``target`` it is ``F.cross_entropy``.
+
+    Args:
+        logits: [B, classes].
+        target: [B, classes], rows summing to 1.
+    """
+    return torch.sum(-target * F.log_softmax(at_least_fp32(logits), dim=-1), dim=-1).mean()
+
+
+def classification_loss(logits: Tensor, y: Tensor, soft: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
+    """The cross-entropy every classifier of every method is trained by: against ``soft`` targets when a batch
+    carries them (mixup / cutmix), else against the labels ``y`` with ``label_smoothing`` (``F.cross_entropy``'s, so
+    a run without smoothing computes exactly what it did before the option existed)."""
+    if soft is not None:
+        return soft_target_cross_entropy(logits, soft)
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07, base_temperature: float = 0.07) -> Tensor:
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020), one view per image, as InfoPro (Contrast) uses it.
 

@@ -19,8 +19,11 @@ CHECKPOINTING: dict[str, str] = {
 # when each block's optimizer steps (locallearn.engine)
 STEP_ORDERS: tuple[str, ...] = ("per_block", "after_all")
 
-# mixed precision: none, or bf16 autocast
-AMP: tuple[str, ...] = ("none", "bf16")
+# mixed precision: none, bf16 autocast, or fp16 autocast with one gradient scaler per block (CUDA only)
+AMP: tuple[str, ...] = ("none", "bf16", "fp16")
+
+MIXUP_MODES: tuple[str, ...] = ("batch", "pair", "elem")
+"""How timm's ``Mixup`` draws its mixing: one λ per batch, per pair of images, or per image."""
 
 NONFINITE = ("stop", "skip", "off")
 """What a non-finite block loss or gradient does (``LocalLearner(nonfinite=...)``, ``--train.nonfinite``)."""

@@ -30,6 +30,7 @@ from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write,
 from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
 from locallearn.learner import LocalLearner
 from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
+from locallearn.mixing import BatchMixer
 from locallearn.models import create_model
 from locallearn.provenance import start_record, write_run_record
 from locallearn.tensorboard_log import NullLog, open_log, wanted
@@ -102,11 +103,24 @@ def build_learner(
         steps_per_epoch=steps_per_epoch,
         step_order=cfg.train.step_order,
         device=device,
-        amp=cfg.train.amp,  # "none" or "bf16"; the learner checks and normalises it
+        amp=cfg.train.amp,  # "none", "bf16" or "fp16"; the learner checks and normalises it
         channels_last=cfg.train.channels_last,
         checkpointing=cfg.train.checkpointing,
         nonfinite=cfg.train.nonfinite,
+        label_smoothing=cfg.train.label_smoothing,
+        mixing=build_mixer(cfg, info.num_classes),
     )
+
+
+def build_mixer(cfg: RunConfig, num_classes: int) -> BatchMixer | None:
+    """The run's mixup / cutmix (None when both α are 0)."""
+    t = cfg.train
+    if not (t.mixup or t.cutmix):
+        return None
+    return BatchMixer(
+        num_classes, t.mixup, t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob, mode=t.mixup_mode,
+        label_smoothing=t.label_smoothing, seed=t.seed,
+    )  # fmt: skip
 
 
 RESUMABLE_DIFFERENCES = {
@@ -162,9 +176,19 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
             continue
         for key in sorted(set(a) | set(b)):
             name = f"{section}.{key}"
+            if key not in a and b.get(key) == _default_of(section, key):
+                continue  # a field added after the checkpoint was written, left at its default: same computation
             if name not in RESUMABLE_DIFFERENCES and a.get(key) != b.get(key):
                 diffs.append(f"{name}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
     return diffs
+
+
+def _default_of(section: str, key: str) -> Any:
+    defaults = RunConfig().to_dict().get(section)
+    return defaults.get(key, _MISSING) if isinstance(defaults, dict) else _MISSING
+
+
+_MISSING = object()
 
 
 def _checkpoint_state(
@@ -669,6 +693,10 @@ def _end_epoch(
         blocks,
         row["images_per_second"],
     )
+    clipped = {k: v for k, v in train_stats.items() if k.startswith("clip/") and v > 0}
+    if clipped:  # --optim.clip_grad_norm: say when it acts, per block
+        shares = ", ".join(f"{v:.0%} (block {k[5:]})" for k, v in clipped.items())
+        log.info("  gradient clipped in %s of the steps", shares)
     if method_report:
         log.info("  %s", learner.method.describe_report(method_report))
     tb.flush()  # every event up to this checkpoint is on disk before it is

@@ -51,7 +51,7 @@ log = logging.getLogger("locallearn")
 TENSORBOARD_DIR = "tensorboard"
 
 # names in the step statistics (locallearn.engine.train_blocks: "loss/{k}", "acc/{k}") -> tag within block{k}/
-_STAT_TAGS = {"loss": "loss", "acc": "train_accuracy"}
+_STAT_TAGS = {"loss": "loss", "acc": "train_accuracy", "clip": "clipped"}  # clip: 1 when the step clipped
 
 
 def wanted(mode: str, announce: bool = True) -> bool:
@@ -85,7 +85,8 @@ def _number(value: Any) -> float | None:
 
 
 def _block_tag(key: str, prefix: str = "") -> str | None:
-    """``loss/3`` -> ``block3/{prefix}loss``, ``acc/3`` -> ``block3/{prefix}train_accuracy``; None for other keys."""
+    """``loss/3`` -> ``block3/{prefix}loss``, ``acc/3`` -> ``block3/{prefix}train_accuracy``, ``clip/3`` ->
+    ``block3/{prefix}clipped`` (the fraction of steps whose gradient was clipped); None for other keys."""
     name, _, k = key.partition("/")
     if name not in _STAT_TAGS or not k.isdigit():
         return None

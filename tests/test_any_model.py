@@ -322,6 +322,23 @@ def test_builtin_models_need_no_input_shape_and_evaluate_takes_a_dataloader():
         learner.train_step(torch.rand(8, 1, 32, 32), y)
 
 
+def test_evaluate_before_any_train_step_builds_the_learner_on_its_first_batch():
+    """Issue 29: a new user's first call may be an accuracy at initialisation, on a torchvision model and a
+    DataLoader; it cuts the model on the first batch as train_step does, and training goes on from there."""
+    import torchvision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    learner = LocalLearner(torchvision.models.resnet18(num_classes=10), method="dgl+man", K=4)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    report = learner.evaluate(DataLoader(TensorDataset(x, y), batch_size=4))
+    assert learner.built and len(learner.blocks) == 4
+    assert len(report["block_accuracies"]) == 4 and 0 <= report["test_accuracy"] <= 1
+    learner.train_step(x, y)
+    with pytest.raises(UserError, match="evaluate\\(\\) was given no batch"):
+        LocalLearner(torchvision.models.resnet18(num_classes=10), "dgl", K=2).evaluate([])
+
+
 def test_cli_trains_a_torchvision_model_and_lists_its_cuts(tmp_path, capsys):
     import json
 

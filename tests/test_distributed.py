@@ -166,6 +166,18 @@ def test_pipelined_man_with_staleness_0_is_sequential_man(tmp_path, sequential):
     assert stale["pipeline_staleness"] == 1 and stale["fingerprint"] != sequential["man++"]["fingerprint"]
 
 
+def test_pipelined_mixup_is_sequential_mixup(tmp_path):
+    """Mixup and cutmix are drawn once per step on stage 0 and the soft targets travel with the activations (the
+    mixed [0, 1] images too, for MAN++'s InfoPro decoders): the pipelined run ends on the single-process weights."""
+    args = ("--method", "man++", "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1")
+    sequential, pipelined = _run_all(
+        [([sys.executable], tmp_path / "seq", args), (DIRECT, tmp_path / "pipe", (*args, "--parallel", "pipeline",
+                                                                                  "--dist.stages=[1]"))]
+    )  # fmt: skip
+    assert pipelined["fingerprint"] == sequential["fingerprint"]
+    assert pipelined["block_accuracies"] == sequential["block_accuracies"]
+
+
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*TORCHRUN, *TRAIN, "--out", str(out), *extra],

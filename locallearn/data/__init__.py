@@ -7,6 +7,7 @@ image files by a :class:`FolderLoader` (:mod:`locallearn.data.imagenet`) with th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -40,10 +41,13 @@ def as_batch(item, device: torch.device | str | None = None) -> Batch:
             f"a batch must be an (x, y) pair or a locallearn Batch, got {type(item).__name__}: yield (images, labels)"
         )
     if device is not None and batch.x.device != torch.device(device):
-        raw = None if batch.raw is None else batch.raw.to(device, non_blocking=True)
-        batch = Batch(batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True), raw)
+        moved = {
+            name: None if t is None else t.to(device, non_blocking=True)
+            for name, t in (("x", batch.x), ("y", batch.y), ("raw", batch.raw), ("soft", batch.soft))
+        }
+        batch = Batch(**moved)
     if batch.raw is None:
-        batch = Batch(batch.x, batch.y, unit_range(batch.x))
+        batch = dataclasses.replace(batch, raw=unit_range(batch.x))
     return batch
 
 

@@ -27,11 +27,14 @@ class Batch:
         x: Normalised float images ``[B, C, H, W]``.
         y: int64 labels ``[B]``.
         raw: The same augmented images un-normalised, in [0, 1] (the target of reconstruction losses).
+        soft: ``[B, classes]`` target distributions when mixup or cutmix mixed the batch
+            (:mod:`locallearn.mixing`); every classifier's loss then reads them instead of ``y``. None otherwise.
     """
 
     x: Tensor
     y: Tensor
     raw: Tensor
+    soft: Tensor | None = None
 
 
 def crop_flip(images: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int, pad_mode: str) -> Tensor:

@@ -48,9 +48,9 @@ from locallearn.engine import eval_blocks, eval_sums
 from locallearn.errors import UserError
 
 TRAIN, EVAL, EVAL_END, GATHER, STOP = 1, 2, 3, 4, 5
-HEADER = 12  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5]
+HEADER = 14  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5, soft classes (0: none), soft dtype]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT = 1, 2, 3, 4, 5
+TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT, TAG_SOFT = 1, 2, 3, 4, 5, 6
 MAX_IN_FLIGHT = 2  # micro-batches a stage may run ahead of the next one (bounds the memory of unsent outputs)
 
 
@@ -165,7 +165,9 @@ class PipelineStage:
         self.prev, self.next = self.stage - 1, self.stage + 1
 
     # -- messages ----------------------------------------------------------------------------------------------------
-    def _send(self, command: int, arg: int = 0, h: Tensor | None = None, y: Tensor | None = None, raw=None) -> None:
+    def _send(
+        self, command: int, arg: int = 0, h: Tensor | None = None, y: Tensor | None = None, raw=None, soft=None
+    ) -> None:
         if self.stage == self.stages - 1:
             return
         header = torch.zeros(HEADER, dtype=torch.int64)
@@ -180,6 +182,9 @@ class PipelineStage:
             tensors = [(wire, TAG_H), (y.contiguous(), TAG_Y)]
             if raw is not None:
                 tensors.append((raw.float().contiguous(), TAG_RAW))
+            if soft is not None:  # mixup / cutmix targets: every stage's losses read them
+                header[12], header[13] = soft.shape[1], DTYPES.index(soft.dtype)
+                tensors.append((soft.contiguous(), TAG_SOFT))
         header = header.to(self._wire_device)
         works = [dist.isend(header, self.next, tag=TAG_HEADER)]
         works += [dist.isend(t, self.next, tag=tag) for t, tag in tensors]
@@ -194,7 +199,7 @@ class PipelineStage:
     def _wire_device(self) -> torch.device:
         return self.learner.device if self.ctx.backend == "nccl" else torch.device("cpu")
 
-    def _recv(self) -> tuple[int, int, Tensor | None, Tensor | None, Tensor | None]:
+    def _recv(self) -> tuple[int, int, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         header = torch.empty(HEADER, dtype=torch.int64, device=self._wire_device)
         start = time.perf_counter()
         dist.recv(header, self.prev, tag=TAG_HEADER)
@@ -202,7 +207,7 @@ class PipelineStage:
         values = header.tolist()
         command, arg = values[0], values[1]
         if command not in (TRAIN, EVAL):
-            return command, arg, None, None, None
+            return command, arg, None, None, None, None
         dtype, channels_last, has_raw, ndim = DTYPES[values[2]], bool(values[3]), bool(values[4]), values[5]
         shape = values[6 : 6 + ndim]
         device = self.learner.device
@@ -220,7 +225,11 @@ class PipelineStage:
         if has_raw:
             raw = torch.empty(shape[0], *self.learner.input_shape, dtype=torch.float32, device=device)
             dist.recv(raw, self.prev, tag=TAG_RAW)
-        return command, arg, h, y, raw
+        soft = None
+        if values[12]:
+            soft = torch.empty(shape[0], values[12], dtype=DTYPES[values[13]], device=device)
+            dist.recv(soft, self.prev, tag=TAG_SOFT)
+        return command, arg, h, y, raw, soft
 
     def _flat_source(self) -> Tensor:
         params = [p.detach().reshape(-1) for p in self.source.parameters()]
@@ -281,7 +290,7 @@ class PipelineStage:
 
     def _train(self, batch: Batch, h: Tensor) -> dict[str, Tensor]:
         stats, out = self.learner.train_blocks(batch, h, self.blocks, self._before_block, self._after_step)
-        self._send(TRAIN, self.learner.step, out, batch.y, batch.raw if self._needs_raw else None)
+        self._send(TRAIN, self.learner.step, out, batch.y, batch.raw if self._needs_raw else None, batch.soft)
         return stats
 
     @property
@@ -292,8 +301,7 @@ class PipelineStage:
         """Stage 0: train my blocks on ``batch`` and send their output on. Returns my blocks' statistics."""
         learner = self.learner
         learner.build(tuple(batch.x.shape[1:]))
-        if learner.channels_last and batch.x.dim() == 4:
-            batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.y, batch.raw)
+        batch = learner.prepare_batch(batch)  # mixed here once: the soft targets travel with the activations
         return self._train(batch, batch.x)
 
     @torch.no_grad()
@@ -322,9 +330,9 @@ class PipelineStage:
         learner = self.learner
         sums = None
         while True:
-            command, arg, h, y, raw = self._recv()
+            command, arg, h, y, raw, soft = self._recv()
             if command == TRAIN:
-                stats = self._train(Batch(h, y, raw), h)
+                stats = self._train(Batch(h, y, raw, soft), h)
                 for key, value in stats.items():
                     self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
                 self.count += 1

@@ -130,7 +130,7 @@ class AugLocal(LocalMethod):
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
         logits = self.aux_segment((self.heads[k],), self.heads[k], self.aux_input(k, h))
-        return LocalOutput(F.cross_entropy(logits, batch.y), logits)
+        return LocalOutput(self.task_loss(logits, batch), logits)
 
     @torch.no_grad()
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:

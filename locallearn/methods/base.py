@@ -33,12 +33,12 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from locallearn import recompute
 from locallearn.errors import UserError
 from locallearn.feature_heads import width_of
 from locallearn.heads import Shape
+from locallearn.losses import classification_loss
 from locallearn.registry import Registry
 
 
@@ -163,6 +163,7 @@ class LocalMethod(nn.Module):
     aux_summary: str | None = None  # one line for the run log on what build_aux chose (and why), if anything
     uses_raw: bool = False  # its losses read ``batch.raw`` (the [0, 1] images): a pipeline stage then sends them on
     any_model: bool = True  # trains any classifier cut into blocks (False: only its own architectures, e.g. SoftHebb)
+    label_smoothing: float = 0.0  # set by LocalLearner(label_smoothing=...): every classifier's cross-entropy reads it
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()
@@ -213,12 +214,23 @@ class LocalMethod(nn.Module):
         """One log line for :meth:`report`'s numbers."""
         return " ".join(f"{key}={value:.4g}" for key, value in report.items())
 
+    def soft_target_refusal(self) -> str | None:
+        """Why this method cannot train on soft targets (mixup, cutmix), or None when every loss it has reads them.
+        The learner refuses such a run before its first step with this reason."""
+        return None
+
     # -- training ------------------------------------------------------------------------------------------------
     def local_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
         """Loss of block k given its output ``h``; the engine calls ``backward`` on it."""
         if k == self.num_blocks - 1:
-            return LocalOutput(F.cross_entropy(h, batch.y), h)
+            return LocalOutput(self.task_loss(h, batch), h)
         return self.aux_loss(k, h, batch)
+
+    def task_loss(self, logits: Tensor, batch: Any) -> Tensor:
+        """Cross-entropy of any classifier of the method (the network's own or an auxiliary one) against the batch's
+        target: its soft targets when mixup or cutmix made them, else its labels with ``label_smoothing``
+        (:func:`locallearn.losses.classification_loss`)."""
+        return classification_loss(logits, batch.y, getattr(batch, "soft", None), self.label_smoothing)
 
     def aux_shape(self, k: int, info: SetupInfo) -> Shape:
         """Shape of what block k's heads read; MAN changes it (the next layer's output shape)."""

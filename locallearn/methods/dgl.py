@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from locallearn.feature_heads import MAPS, sequence_head, with_layout
 from locallearn.heads import dgl_mlp_sr
@@ -56,7 +55,7 @@ class DGL(LocalMethod):
 
     def aux_loss(self, k: int, h: Tensor, batch: Any) -> LocalOutput:
         logits = self.aux_segment((self.heads[k],), self.heads[k], self.aux_input(k, h))
-        return LocalOutput(F.cross_entropy(logits, batch.y), logits)
+        return LocalOutput(self.task_loss(logits, batch), logits)
 
     def aux_logits(self, k: int, h: Tensor) -> Tensor | None:
         return self.heads[k](self.aux_input(k, h)) if k < len(self.heads) else None

@@ -165,6 +165,14 @@ class InfoPro(LocalMethod):
             if l1 == 0 and l2 == 0:
                 log.warning("infopro: block %d has λ1 = λ2 = 0, so only weight decay moves it", k)
 
+    def soft_target_refusal(self) -> str | None:
+        if self.config.loss_mode == "contrast":
+            return (
+                "infopro's contrastive mode (loss_mode=contrast) has no soft-target form (SupCon's positives are the "
+                "images of one class): use --method.loss_mode=cross_entropy, or train without mixup and cutmix"
+            )
+        return None
+
     def _head(self, shape: tuple, layout: str, outputs: int, info: SetupInfo) -> nn.Module:
         """The configured head on a feature map; on tokens or a vector its fully connected part only (``<n>c<m>f``
         reads as m linear layers; convolutions do not apply to tokens), after a LayerNorm and the model's pooling."""
@@ -206,7 +214,7 @@ class InfoPro(LocalMethod):
             out = self.aux_segment((self.heads[k],), self.heads[k], y)
             if self.config.loss_mode == "cross_entropy":
                 logits = out
-                loss = loss + l2 * F.cross_entropy(out, batch.y)
+                loss = loss + l2 * self.task_loss(out, batch)
             else:
                 loss = loss + l2 * supcon_loss(out, batch.y, self.config.temperature, self.config.temperature)
         return LocalOutput(loss, logits)

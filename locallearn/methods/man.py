@@ -25,6 +25,14 @@ Choices, each an option (methods.md §1.3, §8):
 
 MAN++'s other change, the stem as a block of its own, is a split: ``--split man++`` (or ``infopro`` for ResNet-32
 K=16).
+
+Deeper auxiliary nets (``aux_blocks``): MAN++'s released ViT code (``vit_man.py``, methods.md §2.1) follows the fused
+copies with one more trainable transformer block — a copy of the *second* layer of block k+1 — before a LayerNorm and a
+linear head on the class token. ``aux_blocks=n`` adds copies of layers 2 .. n+1 of block k+1 (counting from its
+first) behind the copies, for any model: trainable, in block k's optimizer, initialised as ``copy_init`` says. The
+released ViT form is ``--method dgl+man++ --method.aux_blocks=1 --method.n_mlp=0`` (DGL's head on tokens with no
+hidden layer is exactly LayerNorm → class token → Linear), with ``copy_init=random`` and
+``ema_timing=before_next_step`` as released (presets ``manpp/imagenet_vit_*_k4``).
 """
 
 from __future__ import annotations
@@ -43,17 +51,39 @@ from locallearn.models.resnet_cifar import init_weights
 from locallearn.module_copy import clone_module
 
 
+@torch.no_grad()
+def reinitialise(module: nn.Module) -> None:
+    """``copy_init="random"``: fresh weights for a copy, drawn as the released code's init loop draws them — the
+    InfoPro/MAN CIFAR init for convolutions and BatchNorm (:func:`init_weights`), and for the transformer layers of
+    MAN++'s ViT code truncated-normal linear weights (std 0.02) with zero biases and LayerNorm at weight 1, bias 0.
+    A parameter no rule covers (a LayerScale) keeps its copied value, which is its initial value when the model is
+    new."""
+    init_weights(module)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 @dataclass
 class MANOptions(MethodConfig):
     """Attributes:
     ema_momentum: m in p_ema ← m·p_ema + (1−m)·p_live (0.995 in the paper and README).
     copy_init: "live" (copies of block k+1's first layer) or "random" (re-initialised, the released code).
     ema_timing: "after_next_step" (paper) or "before_next_step" (released code's one-step lag).
+    aux_blocks: trainable copies of the layers after block k+1's first one that follow the fused copies (MAN++'s
+        released ViT auxiliary net has 1); 0 (default): the heads read the fused copies directly.
     """
 
     ema_momentum: float = 0.995
     copy_init: str = "live"
     ema_timing: str = "after_next_step"
+    aux_blocks: int = 0
 
 
 class MomentumAuxiliary:
@@ -68,38 +98,57 @@ class MomentumAuxiliary:
             raise UserError(f"unknown copy_init {cfg.copy_init!r}: use live or random")
         if cfg.ema_timing not in ("after_next_step", "before_next_step"):
             raise UserError(f"unknown ema_timing {cfg.ema_timing!r}: use after_next_step or before_next_step")
+        if cfg.aux_blocks < 0:
+            raise UserError(f"aux_blocks={cfg.aux_blocks} must be >= 0 (MAN++'s released ViT auxiliary net uses 1)")
         live = info.next_layers[:-1]
         self._live = list(live)  # a plain list: the live layers belong to the backbone, not to the method
         self.ema = nn.ModuleList(clone_module(layer) for layer in live)
         self.learnable = nn.ModuleList(clone_module(layer) for layer in live)
+        self.following = nn.ModuleList(self._following_copies(k, info) for k in range(len(live)))
         if cfg.copy_init == "random":
-            for module in (*self.ema, *self.learnable):
-                init_weights(module)
+            for module in (*self.ema, *self.learnable, *self.following):
+                reinitialise(module)
         self.ema.requires_grad_(False)
         self.scales = nn.ParameterList(nn.Parameter(torch.ones(())) for _ in live) if self.learnable_scale else None
         super().build_aux(info)
 
+    def _following_copies(self, k: int, info: SetupInfo) -> nn.Sequential:
+        """Copies of layers 2 .. aux_blocks + 1 of block k+1, trainable (``aux_blocks``)."""
+        first, n = info.bounds[k], self.config.aux_blocks
+        last_feature_layer = len(info.layer_shapes) - 2  # the last layer is the classifier (pooling + linear)
+        if first + n > last_feature_layer:
+            raise UserError(
+                f"aux_blocks={n}: block {k}'s auxiliary net would copy layers {first + 1}..{first + n} after block "
+                f"{k + 1}'s first layer {first}, but the feature layers end at {last_feature_layer}: lower "
+                "aux_blocks, or cut earlier"
+            )
+        copies = nn.Sequential(*(clone_module(info.model.layers[j]) for j in range(first + 1, first + n + 1)))
+        return copies.requires_grad_(True)
+
     def aux_shape(self, k: int, info: SetupInfo) -> Shape:
-        return info.layer_shapes[info.bounds[k]]  # the output of block k+1's first layer
+        # the output of block k+1's first layer (of the last layer copied after it, with aux_blocks)
+        return info.layer_shapes[info.bounds[k] + self.config.aux_blocks]
 
     def aux_layout(self, k: int, info: SetupInfo) -> str:
-        return info.layout(info.bounds[k])
+        return info.layout(info.bounds[k] + self.config.aux_blocks)
 
     def aux_input(self, k: int, h: Tensor) -> Tensor:
-        return self.aux_segment((self.learnable[k], self.ema[k]), self._copies, k, h)
+        return self.aux_segment((self.learnable[k], self.ema[k], self.following[k]), self._copies, k, h)
 
     def _copies(self, k: int, h: Tensor) -> Tensor:
         if self.scales is None:
-            return self.learnable[k](h) + self.ema[k](h)
-        s = self.scales[k]
-        return s * self.learnable[k](h) + (2 - s) * self.ema[k](h)
+            y = self.learnable[k](h) + self.ema[k](h)
+        else:
+            s = self.scales[k]
+            y = s * self.learnable[k](h) + (2 - s) * self.ema[k](h)
+        return self.following[k](y)  # an empty Sequential (aux_blocks=0) returns y itself
 
     def block_params(self, k: int) -> list[nn.Parameter]:
         own = super().block_params(k)
         if k >= len(self.learnable):
             return own
         extra = [*self.learnable[k].parameters()] + ([self.scales[k]] if self.scales is not None else [])
-        return own + extra
+        return own + extra + [*self.following[k].parameters()]
 
     @torch.no_grad()
     def update_ema(self, k: int) -> None:

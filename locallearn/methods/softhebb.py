@@ -200,6 +200,12 @@ class SoftHebb(LocalMethod):
             raise UserError(f"{usage}; this split has no Hebbian block")
         return convs
 
+    def soft_target_refusal(self) -> str | None:
+        return (
+            "softhebb's Hebbian layers learn the statistics of the images themselves (the paper trains them on "
+            "unmixed images): train it without mixup and cutmix"
+        )
+
     # -- the engine's hooks ----------------------------------------------------------------------------------------
     def make_optimizer(self, k: int, params: list[nn.Parameter], optim: Any) -> torch.optim.Optimizer:
         if k == self.num_blocks - 1:
