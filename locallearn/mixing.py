@@ -89,7 +89,7 @@ class BatchMixer:
         """``batch`` mixed (``x`` and ``raw`` alike) with its soft targets, for optimizer step ``step``."""
         n = batch.x.shape[0]
         if n % 2:
-            raise UserError(f"mixup and cutmix pair the images of a batch, and this one has {n}: use an even batch")
+            raise UserError(f"mixup and cutmix pair a batch's images, and this one has {n}: use an even batch size")
         if batch.x.dim() != 4:
             raise UserError(f"mixup and cutmix mix images [B, C, H, W], got inputs of shape {tuple(batch.x.shape)}")
         channels = batch.x.shape[1]
