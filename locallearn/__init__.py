@@ -12,10 +12,10 @@ from locallearn.methods import METHODS, LocalMethod, create_method, register_met
 from locallearn.mixing import BatchMixer
 from locallearn.models import MODELS, LayeredModel, create_model, resolve_split, split_model
 from locallearn.optim import OptimConfig, lr_at
-
-__version__ = "0.1.0"
+from locallearn.version import __version__
 
 __all__ = [
+    "__version__",
     "Batch",
     "BatchMixer",
     "DataConfig",

@@ -17,6 +17,8 @@ import ctypes
 import ctypes.util
 import gc
 
+from locallearn.errors import UserError
+
 M_MMAP_THRESHOLD = -3  # mallopt(3): a fixed threshold, which also turns glibc's dynamic adjustment off
 MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc's HEAP_MAX on 64-bit: mallopt refuses anything larger
 
@@ -40,8 +42,6 @@ def set_mmap_threshold(nbytes: int) -> bool:
     Raises:
         ValueError: ``nbytes`` outside 0 .. 32 MiB (glibc's limit).
     """
-    from locallearn.errors import UserError
-
     if not 0 <= nbytes <= MAX_MMAP_THRESHOLD:
         raise UserError(
             f"malloc_mmap_threshold={nbytes} is outside 0 .. {MAX_MMAP_THRESHOLD} bytes (glibc's limit): "

@@ -15,46 +15,21 @@ tensors), whose ratio to end-to-end's is the throughput ratio a compute-bound de
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
+from locallearn import measure
+from locallearn.bench_row import BenchConfig, bench_model, learner_builder
 from locallearn.data import Batch
 from locallearn.errors import UserError
-from locallearn.learner import LocalLearner
 from locallearn.measure import estimated_step_bytes
-from locallearn.memory import active_fake_mode, balanced_boundaries, estimate_peak, split_cost, split_costs
-from locallearn.models import MODELS, LayeredModel, as_layered, create_model, resolve_split
-from locallearn.module_copy import fake_copy
-from locallearn.optim import OptimConfig
+from locallearn.memory import balanced_boundaries, estimate_peak, split_cost, split_costs
+from locallearn.models import resolve_split
 from locallearn.options import CHECKPOINTING
 
 MiB = 2**20
-
-
-@dataclass
-class BenchConfig:
-    arch: str = "resnet110"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision:/timm: constructor options
-    image_size: int = 32
-    in_channels: int = 3
-    num_classes: int = 10
-    batch_size: int = 1024
-    method: str = "infopro+man"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    optim: dict[str, Any] = field(default_factory=dict)  # OptimConfig fields (the optimizer's state is memory too)
-    ks: list[int] = field(default_factory=lambda: [2, 3, 4])
-    splits: list[str] = field(default_factory=lambda: ["even", "balanced"])
-    local_checkpointing: list[str] = field(default_factory=lambda: ["none"])  # "aux": recompute auxiliary nets
-    time_steps: int = 3
-    warmup_steps: int = 1
-    device: str = "cpu"
-    channels_last: bool = True
-    measure: bool = True  # measure every row for real in a fresh process (locallearn.measure)
-    malloc_mmap_threshold: int | None = None  # glibc's fixed mmap threshold in the measuring processes (allocator.py)
 
 
 @dataclass
@@ -84,33 +59,16 @@ def _rows(cfg: BenchConfig) -> list[tuple[str, str, int, str, str]]:
     return rows
 
 
-def _model(cfg: BenchConfig) -> LayeredModel:
-    """The benchmarked network as atomic layers (a torchvision/timm model is traced, which also caches its cut plan
-    for the builds under fake tensors)."""
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return as_layered(_create(cfg), shape)
-
-
-def _create(cfg: BenchConfig) -> nn.Module:
-    return create_model(
-        cfg.arch,
-        num_classes=cfg.num_classes,
-        in_channels=cfg.in_channels,
-        image_size=cfg.image_size,
-        **cfg.model_kwargs,
-    )
-
-
 def _costs(cfg: BenchConfig, recompute_aux: bool = False) -> tuple[list[int], list[int]]:
     """Per-layer and per-cut activation bytes of the benchmarked method, measured at batch 2."""
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return split_costs(_model(cfg), cfg.method, cfg.method_options, shape, recompute_aux)
+    return split_costs(bench_model(cfg), cfg.method, cfg.method_options, shape, recompute_aux)
 
 
 def _bounds(cfg: BenchConfig, k: int, split: str, costs: tuple[list[int], list[int]] | None) -> list[int]:
     if split == "balanced":
         return balanced_boundaries(*costs, k)
-    return resolve_split(_model(cfg), split, k)
+    return resolve_split(bench_model(cfg), split, k)
 
 
 def lower_bound(cfg: BenchConfig, e2e: Row, costs: tuple[list[int], list[int]]) -> dict[str, int]:
@@ -123,48 +81,10 @@ def lower_bound(cfg: BenchConfig, e2e: Row, costs: tuple[list[int], list[int]]) 
     return {"total": fixed + act, "fixed": fixed, "activations": act}
 
 
-def _builder(
-    cfg: BenchConfig,
-    method: str,
-    bounds: list[int],
-    checkpointing: str,
-    device: torch.device,
-    channels_last: bool = True,
-):
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    options = cfg.method_options if method == cfg.method else None
-    # A torchvision/timm constructor may read tensor values (timm's drop-path rates call .item()), which fake tensors
-    # cannot give: build it once for real here and hand out fake copies of it (:func:`fake_copy`).
-    template = None if cfg.arch in MODELS else _model(cfg).source
-
-    def build() -> LocalLearner:
-        mode = active_fake_mode()
-        if template is not None and mode is not None:
-            model = fake_copy(template, mode)
-        else:
-            model = _create(cfg)
-        return LocalLearner(
-            model,
-            method,
-            len(bounds) + 1,
-            bounds,
-            input_shape=shape,
-            method_options=options,
-            device=device,
-            checkpointing=checkpointing,
-            channels_last=cfg.channels_last and channels_last,
-            optim=OptimConfig(**cfg.optim),
-        )
-
-    return build
-
-
 def _measure(cfg: BenchConfig, row: Row, log) -> None:
     """Measure ``row`` for real in a fresh process and fill in its measured and timed fields."""
-    from locallearn.measure import measure_in_subprocess
-
     try:
-        m = measure_in_subprocess(asdict(cfg), row.method, row.bounds, row.checkpointing)
+        m = measure.measure_in_subprocess(asdict(cfg), row.method, row.bounds, row.checkpointing)
     except RuntimeError as err:  # an out-of-memory kill of one row must not lose the others
         log(f"{row.label:<40} not measured: {err}")
         return
@@ -201,7 +121,7 @@ def run_bench(cfg: BenchConfig, log=print) -> list[Row]:
             log(f"{label:<40} skipped: {err}")
             continue
         # the memory format changes kernels, not tensor sizes; fake tensors cannot be re-laid out, so estimate NCHW
-        estimate_build = _builder(cfg, method, bounds, ckpt, torch.device("cpu"), channels_last=False)
+        estimate_build = learner_builder(cfg, method, bounds, ckpt, torch.device("cpu"), channels_last=False)
         est = estimate_peak(estimate_build, shape, cfg.batch_size, cfg.num_classes)
         row = Row(label, method, k, split, ckpt, bounds, est.peak, est.parts)
         row.estimated_step_bytes = estimated_step_bytes(est.peak, est.parts)

@@ -10,23 +10,10 @@ import torch
 from locallearn.config import RunConfig, from_dict
 from locallearn.data import build_data
 from locallearn.errors import CheckpointError
+from locallearn.from_config import build_learner
 from locallearn.learner import LocalLearner
 from locallearn.metrics import resolve_device
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random-number generator states (CPU, and every CUDA device when there is one)."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def set_rng_state(rng: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+from locallearn.rng import rng_state, set_rng_state  # noqa: F401 (their former home: kept importable here)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -52,8 +39,6 @@ def evaluate_checkpoint(
     path: str | Path, *, data_dir: str | None = None, device: str = "auto", batch_size: int | None = None
 ) -> dict[str, Any]:
     """Rebuild the run's model, method and split from the checkpoint's config and evaluate on its test set."""
-    from locallearn.runner import build_learner  # runner imports this module's neighbours; avoid a cycle
-
     ckpt = load_checkpoint(path)
     cfg: RunConfig = from_dict(ckpt["config"])
     if data_dir is not None:

@@ -64,7 +64,7 @@ def _limit(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of examples or 'all'") from None
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def _train_parser(sub: argparse._SubParsersAction) -> None:  # long by nature: one add_argument per flag
     p = sub.add_parser(
         "train",
         help="train a network as K gradient-isolated blocks",
@@ -337,19 +337,25 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("grids:    ", ", ".join(grid_names()), "(locallearn sweep NAME --out DIR)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="locallearn", description="Supervised local learning for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn eval`: a checkpoint on its test set."""
     p_eval = sub.add_parser("eval", help="evaluate a saved checkpoint on its test set")
     p_eval.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
     p_eval.add_argument("--data-dir", help="dataset root, if it moved since training")
     p_eval.add_argument("--device", default="auto")
+
+
+def _list_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn list`: archs, methods, datasets, splits, presets; a model's cuts."""
     p_list = sub.add_parser("list", help="list architectures, methods, datasets, splits and presets")
     p_list.add_argument("--cuts", metavar="ARCH", help="show ARCH's valid cut points and segments, with their shapes")
     p_list.add_argument("--image-size", type=int, default=32, help="--cuts: input side")
     p_list.add_argument("--in-channels", type=int, default=3, help="--cuts: input channels")
     p_list.add_argument("--num-classes", type=int, default=10, help="--cuts: classes")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn bench`: memory and speed rows (one flag per BenchConfig field)."""
     p_bench = sub.add_parser("bench", help="benchmark peak memory and speed: E2E, checkpointing, local at several K")
     p_bench.add_argument("--arch", default="resnet110")
     p_bench.add_argument("--image-size", type=int, default=32)
@@ -383,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_bench.add_argument("--device", default="auto")
     p_bench.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn compare`: the packaged benchmark suites."""
     p_cmp = sub.add_parser("compare", help="benchmark: several methods × seeds → a markdown table")
     p_cmp.add_argument("--suite", choices=["parity", "methods"], default="methods")
     p_cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -409,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="train nothing: pool the results.json of earlier compare runs (e.g. one seed per process) into one table",
     )
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn sweep`: a grid of runs."""
     p_sweep = sub.add_parser(
         "sweep",
         help="run a grid of configurations (GRID.yaml) one after another; a stopped sweep resumes; ends with a report",
@@ -420,30 +434,44 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--out", required=True, help="directory for configs/, runs/, logs/, results.json, report.md")
     p_sweep.add_argument("--jobs", type=int, default=None, help="runs at once, one per GPU (default: one per GPU, 1)")
     p_sweep.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished); train nothing")
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn report`: a report from run directories."""
     p_report = sub.add_parser("report", help="markdown report with plots from run directories (or a sweep's --out)")
     p_report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding them")
     p_report.add_argument("-o", "--out", help="directory for report.md and its PNGs (default: ./report)")
     p_report.add_argument("--title", default="locallearn report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``locallearn`` parser: one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="locallearn", description="Supervised local learning for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _eval_parser, _list_parser, _bench_parser, _compare_parser, _sweep_parser,
+                _report_parser):  # fmt: skip
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    commands = {
+        "train": lambda: cmd_train(args, rest),
+        "eval": lambda: cmd_eval(args),
+        "bench": lambda: cmd_bench(args, rest, argv),
+        "compare": lambda: cmd_compare(args, argv),
+        "sweep": lambda: cmd_sweep(args),
+        "report": lambda: cmd_report(args, argv),
+        "list": lambda: cmd_list(args),
+    }
     try:
-        if args.command == "train":
-            cmd_train(args, rest)
-        elif args.command == "eval":
-            cmd_eval(args)
-        elif args.command == "bench":
-            cmd_bench(args, rest, argv)
-        elif args.command == "compare":
-            cmd_compare(args, argv)
-        elif args.command == "sweep":
-            cmd_sweep(args)
-        elif args.command == "report":
-            cmd_report(args, argv)
-        else:
-            cmd_list(args)
+        commands[args.command]()
     except UserError as err:  # one line; the exit status says which kind (locallearn.errors)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

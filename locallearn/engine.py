@@ -19,21 +19,38 @@ Step order (``step_order``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from locallearn.losses import at_least_fp32
 
 TOP_K = 5  # the second accuracy ImageNet papers report (top-5)
 
-if TYPE_CHECKING:
-    from locallearn.learner import LocalLearner
+
+class LocalLearner(Protocol):
+    """What the engine reads of a learner (:class:`locallearn.learner.LocalLearner` is the one locallearn has): the
+    blocks, the method, and block k's backward and optimizer step. Typed as a protocol so that the engine sits below
+    the learner and imports nothing of it."""
+
+    blocks: Sequence[nn.Module]
+    method: Any  # a locallearn.methods.LocalMethod
+    model: nn.Module
+    device: torch.device
+    step_order: str
+
+    def autocast(self) -> ContextManager: ...
+
+    def learns(self, k: int) -> bool: ...
+
+    def backward(self, k: int, loss: Tensor) -> None: ...
+
+    def step_block(self, k: int, loss: Tensor | None = None, stats: dict[str, Tensor] | None = None) -> Any: ...
 
 
 def autocast_context(device: torch.device, amp: str | None) -> ContextManager:

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from locallearn import engine, recompute
+from locallearn.assembly import setup_info
 from locallearn.data import Batch, as_batch
 from locallearn.errors import CheckpointError, NonFiniteError, UserError
-from locallearn.feature_heads import canonical_shape
 from locallearn.heads import Shape
+from locallearn.memory import balanced_boundaries, split_costs
 from locallearn.methods import LocalMethod, Phase, SetupInfo, create_method
 from locallearn.metrics import RunningMeans
-from locallearn.models import LayeredModel, as_layered, describe_split, layout_of, resolve_split, split_model
+from locallearn.models import LayeredModel, as_layered, describe_split, resolve_split, split_model
 from locallearn.optim import OptimConfig, build_optimizer, check_optim, lr_at, no_weight_decay_ids, set_lr
 from locallearn.options import AMP, CHECKPOINTING, NONFINITE, STEP_ORDERS
 
@@ -78,8 +79,6 @@ def balanced_split(
     recompute_aux: bool = False,
 ) -> list[int]:
     """Memory-balanced boundaries for ``k`` blocks (see :mod:`locallearn.memory`)."""
-    from locallearn.memory import balanced_boundaries, split_costs
-
     if k is None:
         raise UserError("--split balanced needs --K")
     if k == 1:
@@ -269,35 +268,9 @@ class LocalLearner:
         self._check_param_ownership()
 
     # -- construction helpers ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _probe(self) -> SetupInfo:
-        """Run two dummy images through every layer (eval mode, so BN statistics stay untouched)."""
-        was_training = self.model.training
-        self.model.eval()
-        dtype = next((t.dtype for t in self.model.parameters() if t.is_floating_point()), None)  # a float64 model
-        h = torch.zeros(2, *self.input_shape, device=self.device, dtype=dtype)
-        layer_shapes, layouts = [], []
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h)
-            layout = layout_of(self.model, i, h)
-            layouts.append(layout)
-            layer_shapes.append(canonical_shape(tuple(h.shape[1:]), layout))
-        self.model.train(was_training)
-        ends = [b - 1 for b in self.bounds] + [self.model.num_layers() - 1]
-        starts = [0, *self.bounds]
-        return SetupInfo(
-            blocks=self.blocks,
-            shapes=[layer_shapes[e] for e in ends],
-            num_classes=layer_shapes[-1][0],
-            image_shape=self.input_shape,
-            layer_stages=[self.model.stage_of[s] for s in starts],
-            next_layers=[self.model.layers[b] for b in self.bounds] + [None],
-            model=self.model,
-            bounds=list(self.bounds),
-            layer_shapes=layer_shapes,
-            layouts=layouts,
-            token_pool=getattr(getattr(self.model, "plan", None), "token_pool", None),
-        )
+        """What the method needs to build its auxiliary nets (:func:`locallearn.assembly.setup_info`)."""
+        return setup_info(self.model, self.blocks, self.bounds, self.input_shape, self.device)
 
     def block_params(self, k: int) -> list[nn.Parameter]:
         """What optimizer k owns: block k's parameters and its auxiliary net's."""

@@ -1,7 +1,7 @@
 """Measured training-step memory (and speed) of one bench configuration, in a fresh process.
 
 ``locallearn bench`` estimates every configuration on fake tensors (:func:`locallearn.memory.estimate_peak`) and,
-next to that, measures it for real here: a child process (``python -m locallearn.measure SPEC``) builds the model,
+next to that, measures it for real here: a child process (``python -m locallearn.bench_row SPEC``) builds the model,
 the learner and a synthetic batch, runs the warm-up steps (the optimizer state exists after the first), hands the
 memory freed since back to the operating system, and then measures the timed steps alone:
 
@@ -25,12 +25,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from locallearn.allocator import release_free_memory, set_mmap_threshold
+from locallearn.allocator import release_free_memory
 from locallearn.metrics import MemoryWindow, memory_in_use
 
 RESIDENT_BEFORE_STEPS = ("Parameter", "Buffer", "Optstate")
@@ -78,30 +78,11 @@ def measure_steps(train_step, device: torch.device, steps: int, warmup: int, ima
     return Measurement(growth, baseline, peak, reserved, rate, steps)
 
 
-def measure_row(cfg_dict: dict[str, Any], method: str, bounds: list[int], checkpointing: str) -> Measurement:
-    """Build one bench configuration for real and measure its training steps (in the calling process)."""
-    from locallearn.bench import BenchConfig, _builder
-    from locallearn.data import Batch
-
-    cfg = BenchConfig(**cfg_dict)
-    device = torch.device(cfg.device)
-    if cfg.malloc_mmap_threshold is not None:
-        set_mmap_threshold(cfg.malloc_mmap_threshold)
-    torch.manual_seed(0)
-    learner = _builder(cfg, method, bounds, checkpointing, device)()
-    x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
-    batch = Batch(x, y, x)
-    steps = max(cfg.time_steps, 1)
-    return measure_steps(
-        lambda: learner.train_step(batch), device, steps, cfg.warmup_steps, cfg.batch_size, cfg.time_steps > 0
-    )
-
-
 def measure_in_subprocess(
     cfg_dict: dict[str, Any], method: str, bounds: list[int], checkpointing: str, timeout: float | None = None
 ) -> Measurement:
-    """:func:`measure_row` in a fresh Python process (same interpreter, environment and thread settings).
+    """One bench row (:func:`locallearn.bench_row.measure_row`) measured in a fresh Python process (same interpreter,
+    environment and thread settings).
 
     Raises:
         RuntimeError: the child failed (its last lines of stderr are in the message; a negative exit status is the
@@ -109,7 +90,7 @@ def measure_in_subprocess(
     """
     spec = json.dumps({"config": cfg_dict, "method": method, "bounds": bounds, "checkpointing": checkpointing})
     proc = subprocess.run(
-        [sys.executable, "-m", "locallearn.measure", spec],
+        [sys.executable, "-m", "locallearn.bench_row", spec],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -119,13 +100,3 @@ def measure_in_subprocess(
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         raise RuntimeError(f"measuring {method} {bounds} failed (exit status {proc.returncode}): {tail}")
     return Measurement(**json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def main(argv: list[str] | None = None) -> None:
-    spec = json.loads((argv or sys.argv[1:])[0])
-    result = measure_row(spec["config"], spec["method"], spec["bounds"], spec["checkpointing"])
-    print(json.dumps(asdict(result)))
-
-
-if __name__ == "__main__":
-    main()

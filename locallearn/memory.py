@@ -22,7 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from locallearn.assembly import assemble
+from locallearn.data import Batch
 from locallearn.errors import UserError
+from locallearn.models import resolve_split
 from locallearn.module_copy import clone_module, fake_copy
 
 
@@ -83,19 +86,16 @@ def head_costs(
 ) -> list[int]:
     """Bytes the method's auxiliary net keeps for backward (plus the block output it reads) at every possible cut.
 
-    Entry j is the cost of a block that ends just before layer j (j = 1 .. L−2), from a throw-away learner cut
-    after every feature layer; entry 0 and the last are 0. Each auxiliary-net segment (``LocalMethod.aux_segment``:
-    MAN's copies, a head, a decoder) is measured on its own. Stored, the segments' activations add up; with
-    ``recompute_aux`` (``checkpointing="aux"``) only the inputs of the segments stay and one segment at a time is
-    rebuilt in backward, so the cost is the inputs plus the largest segment.
+    Entry j is the cost of a block that ends just before layer j (j = 1 .. L−2), from a throw-away copy of the model
+    cut after every feature layer (:func:`locallearn.assembly.assemble`); entry 0 and the last are 0. Each
+    auxiliary-net segment (``LocalMethod.aux_segment``: MAN's copies, a head, a decoder) is measured on its own.
+    Stored, the segments' activations add up; with ``recompute_aux`` (``checkpointing="aux"``) only the inputs of the
+    segments stay and one segment at a time is rebuilt in backward, so the cost is the inputs plus the largest segment.
     """
-    from locallearn.data import Batch
-    from locallearn.learner import LocalLearner
-
     probe_model = clone_module(model)
-    n = probe_model.num_layers() - 1  # feature layers
-    learner = LocalLearner(probe_model, method, n, "layerwise", input_shape=input_shape, method_options=options)
-    method_module = learner.method
+    n = probe_model.num_layers() - 1  # feature layers: a block after every one
+    bounds = resolve_split(probe_model, "layerwise", n)
+    blocks, method_module = assemble(probe_model, method, bounds, input_shape, options)
     segments: list[int] = []
     inputs: dict[StorageWeakRef, int] = {}
     if recompute_aux:
@@ -117,14 +117,14 @@ def head_costs(
             segments.append(sum(seen.values()))
             return out
 
-        method_module.aux_segment = probing_segment  # instance attribute: this learner is thrown away
+        method_module.aux_segment = probing_segment  # instance attribute: this method is thrown away
     raw = torch.rand(batch, *input_shape)
     batch_obj = Batch(raw, torch.arange(batch) % 2, raw)
     costs = [0] * (probe_model.num_layers())
     h = raw
     with torch.no_grad():
         outputs = []
-        for block in learner.blocks[:-1]:
+        for block in blocks[:-1]:
             h = block(h)
             outputs.append(h)
     for k, out in enumerate(outputs):
@@ -272,8 +272,6 @@ def estimate_peak(
         fake: fake tensors (an estimate of any size) or real tensors (a measurement).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from locallearn.data import Batch
 
     _FrozenSafeTracker = _frozen_safe_tracker_class()
     ctx = FakeTensorMode() if fake else contextlib.nullcontext()

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from locallearn.errors import UserError
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -21,12 +23,8 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        from locallearn.errors import UserError
-
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        from locallearn.errors import UserError
-
         raise UserError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
     return device
 

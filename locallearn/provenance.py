@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from locallearn import __version__
 from locallearn.durable import atomic_write
+from locallearn.version import __version__
 
 RUN_RECORD = "run.json"
 

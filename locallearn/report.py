@@ -3,7 +3,7 @@
 A run directory is what ``locallearn train`` writes (``config.yaml``, ``metrics.jsonl``, ``summary.json``); a
 directory that holds run directories below it (a sweep's ``--out``, a ``compare`` output) stands for all of them.
 Runs are grouped into configurations by their resolved config less the seed and the fields that only say where they
-ran (:func:`locallearn.sweep.result_view`); a configuration's label names the fields that differ between the
+ran (:func:`locallearn.results.result_view`); a configuration's label names the fields that differ between the
 configurations of the report (the method first), so any set of runs gets readable labels without naming them.
 
 The report (``report.md`` and PNGs in ``-o``, the table also printed):
@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
+from locallearn.durable import atomic_write
 from locallearn.errors import UserError
-from locallearn.runner import atomic_write
-from locallearn.sweep import result_view
+from locallearn.results import result_view
 
 log = logging.getLogger("locallearn")
 

@@ -22,18 +22,26 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from locallearn import __version__
 from locallearn.allocator import set_mmap_threshold
+from locallearn.checkpoint import load_checkpoint
 from locallearn.config import RunConfig, dump_yaml, validate
 from locallearn.data import build_data
+from locallearn.distributed import runtime
+from locallearn.distributed.context import broadcast_object, init_from_env, launched, quiet_unless_writer
+from locallearn.distributed.data_parallel import convert_sync_batchnorm
+from locallearn.distributed.pipeline import balance, measure_block_seconds
+from locallearn.distributed.runtime import barrier
 from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, check_keep, resolve_resume
 from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
+from locallearn.from_config import build_learner, build_mixer  # noqa: F401 (build_mixer: API)
 from locallearn.learner import LocalLearner
 from locallearn.metrics import MemoryReport, RunningMeans, fingerprint, peak_memory, resolve_device
-from locallearn.mixing import BatchMixer
-from locallearn.models import create_model
 from locallearn.provenance import start_record, write_run_record
-from locallearn.tensorboard_log import NullLog, open_log, wanted
+from locallearn.results import RESUMABLE_DIFFERENCES, config_differences  # noqa: F401 (RESUMABLE_DIFFERENCES: API)
+from locallearn.rng import rng_state, set_rng_state
+from locallearn.sinks import ConsoleLog, MetricsFile, Sink, Sinks
+from locallearn.tensorboard_log import open_log, wanted
+from locallearn.version import __version__
 
 log = logging.getLogger("locallearn")
 
@@ -81,56 +89,6 @@ def prepare_run_dir(cfg: RunConfig, create: bool = True) -> Path:
     return out
 
 
-def build_learner(
-    cfg: RunConfig, info, device: torch.device, total_steps: int | None, steps_per_epoch: int
-) -> LocalLearner:
-    model = create_model(
-        cfg.model.arch,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size[0] if info.image_size[0] == info.image_size[1] else tuple(info.image_size),
-        **cfg.model.kwargs,
-    )
-    return LocalLearner(
-        model,
-        cfg.train.method,
-        cfg.resolved_k(),
-        cfg.train.split,
-        input_shape=(info.in_channels, *info.image_size),
-        method_options=cfg.method,
-        optim=cfg.optim,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        step_order=cfg.train.step_order,
-        device=device,
-        amp=cfg.train.amp,  # "none", "bf16" or "fp16"; the learner checks and normalises it
-        channels_last=cfg.train.channels_last,
-        checkpointing=cfg.train.checkpointing,
-        nonfinite=cfg.train.nonfinite,
-        label_smoothing=cfg.train.label_smoothing,
-        mixing=build_mixer(cfg, info.num_classes),
-    )
-
-
-def build_mixer(cfg: RunConfig, num_classes: int) -> BatchMixer | None:
-    """The run's mixup / cutmix (None when both α are 0)."""
-    t = cfg.train
-    if not (t.mixup or t.cutmix):
-        return None
-    return BatchMixer(
-        num_classes, t.mixup, t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob, mode=t.mixup_mode,
-        label_smoothing=t.label_smoothing, seed=t.seed,
-    )  # fmt: skip
-
-
-RESUMABLE_DIFFERENCES = {
-    "train.resume", "train.out", "train.overwrite", "train.progress", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.device", "train.malloc_mmap_threshold", "data.data_dir", "data.workers",
-    "data.download", "dist.timeout_s", "train.tensorboard", "train.log_every",
-}  # fmt: skip
-"""Config fields a resumed run may change: where and how it runs, not what it computes."""
-
-
 @dataclass
 class Progress:
     """Where a run stands: what a checkpoint must hold besides the learner to continue exactly."""
@@ -164,38 +122,9 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    diffs = []
-    for section in sorted(set(saved) | set(current)):
-        a, b = saved.get(section), current.get(section)
-        if a is None and section == "dist":
-            continue  # written before the section existed: a single-process run
-        if not isinstance(a, dict) or not isinstance(b, dict):
-            if a != b:
-                diffs.append(f"{section}: checkpoint {a!r}, now {b!r}")
-            continue
-        for key in sorted(set(a) | set(b)):
-            name = f"{section}.{key}"
-            if key not in a and b.get(key) == _default_of(section, key):
-                continue  # a field added after the checkpoint was written, left at its default: same computation
-            if name not in RESUMABLE_DIFFERENCES and a.get(key) != b.get(key):
-                diffs.append(f"{name}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
-    return diffs
-
-
-def _default_of(section: str, key: str) -> Any:
-    defaults = RunConfig().to_dict().get(section)
-    return defaults.get(key, _MISSING) if isinstance(defaults, dict) else _MISSING
-
-
-_MISSING = object()
-
-
 def _checkpoint_state(
     cfg: RunConfig, learner: LocalLearner, progress: Progress, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    from locallearn.checkpoint import rng_state
-
     rng = rng_state()
     return {
         "format": 2,
@@ -209,12 +138,10 @@ def _checkpoint_state(
 
 
 def _restore(path: Path, cfg: RunConfig, learner: LocalLearner, runner=None) -> Progress:
-    from locallearn.checkpoint import load_checkpoint, set_rng_state
-
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != 2 or "progress" not in ckpt:
         raise CheckpointError(f"{path} is a final checkpoint without training progress: resume from checkpoints/")
-    diffs = _config_differences(ckpt["config"], cfg.to_dict())
+    diffs = config_differences(ckpt["config"], cfg.to_dict())
     if diffs:
         raise CheckpointError(
             f"{path} was written by a different configuration ({'; '.join(diffs)}): resume with the same config, "
@@ -265,8 +192,6 @@ def _is_peer_failure(err: RuntimeError) -> bool:
 
 
 def _parallel_mode(cfg: RunConfig) -> str:
-    from locallearn.distributed.context import launched
-
     mode = cfg.dist.parallel
     if mode not in ("auto", "none", "data", "pipeline"):
         raise UserError(f"unknown --dist.parallel {mode!r}: use auto, none, data or pipeline")
@@ -282,19 +207,12 @@ def _parallel_mode(cfg: RunConfig) -> str:
 
 def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loader, resume_from: Path | None = None):
     """The object that runs steps in ``mode`` (:mod:`locallearn.distributed.runtime`)."""
-    from locallearn.distributed import runtime
-
     if mode == "none":
         return runtime.Sequential(learner)
     if mode == "data":
         if cfg.dist.sync_bn:
-            from locallearn.distributed.data_parallel import convert_sync_batchnorm
-
             convert_sync_batchnorm(learner, learner.device)
         return runtime.DataParallelRun(learner, ctx)
-    from locallearn.distributed.context import broadcast_object
-    from locallearn.distributed.pipeline import balance, measure_block_seconds
-
     if learner.method.phases(cfg.train.epochs) is not None:
         raise UserError(
             f"--parallel pipeline does not run {learner.method.name}'s phases (a stage would idle while another "
@@ -304,8 +222,6 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
         raise UserError("--dist.sync_bn is for data parallelism; a pipeline stage holds whole batches: leave it off")
     starts = cfg.dist.stages
     if starts is None and resume_from is not None:  # a resumed pipeline keeps its stages (timings may differ now)
-        from locallearn.checkpoint import load_checkpoint
-
         states = load_checkpoint(resume_from).get("pipeline") if ctx.is_writer else None
         starts = broadcast_object(None if not states else states[0]["starts"][1:-1])
     if starts is None:
@@ -322,6 +238,32 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
     return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness)
 
 
+@dataclass
+class Run:
+    """Everything one training run is made of, as :func:`train`'s parts hand it on: where it runs (device, processes),
+    its data, learner and epoch plan, its directory and checkpoint store, the executor, and its progress."""
+
+    cfg: RunConfig
+    started: datetime
+    device: torch.device
+    mode: str  # "none", "data" or "pipeline"
+    ctx: Any  # DistContext under torchrun, else None
+    train_loader: Any
+    test_loader: Any
+    learner: LocalLearner
+    schedule: list[tuple[Any, int, int, int]]
+    total_steps: int
+    out: Path
+    store: CheckpointStore | None
+    resume_from: Path | None
+    executor: Any
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def writer(self) -> bool:
+        return self.ctx is None or self.ctx.is_writer
+
+
 def train(cfg: RunConfig) -> dict[str, Any] | None:
     """Run the configured training and return the summary (also written to ``<out>/summary.json``).
 
@@ -333,6 +275,19 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     Under torchrun (``cfg.dist``, docs/distributed.md) every rank calls this; rank 0 writes and returns the summary,
     the other ranks return None.
     """
+    run = _prepare(cfg)
+    _announce(run)
+    wall_start = time.perf_counter()
+    memory = MemoryReport(run.device)
+    if not _execute(run, memory):
+        return None  # a pipeline stage > 0: rank 0 writes the run's results
+    log.info("memory: %s", memory.describe())
+    return _finish(run, memory, time.perf_counter() - wall_start)
+
+
+def _prepare(cfg: RunConfig) -> Run:
+    """Check the config, join the other processes, load the data, build the learner and its epoch plan, check and
+    make the run directory, choose the executor and restore a checkpoint when resuming."""
     started = datetime.now()
     validate(cfg)
     device = resolve_device(cfg.train.device)
@@ -341,19 +296,38 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     mode = _parallel_mode(cfg)
     ctx = None
     if mode != "none":
-        from locallearn.distributed.context import init_from_env, quiet_unless_writer
-
         ctx = init_from_env(device, cfg.dist.timeout_s)
         device = ctx.device
         quiet_unless_writer(ctx)
     writer = ctx is None or ctx.is_writer
-    tensorboard = wanted(cfg.train.tensorboard, announce=writer)  # "on" without the package fails here, before work
+    wanted(cfg.train.tensorboard, announce=writer)  # "on" without the package fails here, before any work
     if cfg.train.malloc_mmap_threshold is not None and not set_mmap_threshold(cfg.train.malloc_mmap_threshold):
         log.warning("malloc_mmap_threshold has no effect here: the C library is not glibc")
     if cfg.train.checkpoint_every < 0:
         raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.train.checkpoint_every}")
     check_keep(cfg.train.keep_checkpoints)  # before any work, not only when the store is made
     torch.manual_seed(cfg.train.seed)
+    train_loader, test_loader, learner, schedule, total_steps = _data_and_learner(cfg, device, mode, ctx)
+    out = prepare_run_dir(cfg, create=writer)
+    if ctx is not None:
+        barrier()  # every rank has checked --out before rank 0 writes into it
+    store = CheckpointStore(out, cfg.train.keep_checkpoints) if writer else None
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = resolve_resume(cfg.train.resume, out, log) if writer else None
+        if ctx is not None:
+            resume_from = broadcast_object(resume_from)  # rank 0 chose (and logged why); every rank loads it
+    executor = _make_executor(mode, cfg, learner, ctx, train_loader, resume_from)
+    run = Run(cfg, started, device, mode, ctx, train_loader, test_loader, learner, schedule, total_steps, out, store,
+              resume_from, executor)  # fmt: skip
+    if resume_from is not None:
+        run.progress = _restore(resume_from, cfg, learner, executor)
+        log.info("resumed at step %d (epoch %d, batch %d)", learner.step, run.progress.epoch + 1, run.progress.batch)
+    return run
+
+
+def _data_and_learner(cfg: RunConfig, device: torch.device, mode: str, ctx) -> tuple[Any, Any, LocalLearner, list, int]:
+    """The loaders (sharded under data parallelism), the learner, the epoch plan and the run's length in steps."""
     train_loader, test_loader, info = build_data(
         cfg.data, cfg.train.batch_size, seed=cfg.train.seed, device=device, eval_batch_size=cfg.train.eval_batch_size
     )
@@ -365,8 +339,7 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
     if mode == "data":
         train_loader.shard(ctx.rank, ctx.world)
         test_loader.shard(ctx.rank, ctx.world)
-    steps_per_epoch = len(train_loader)
-    learner = build_learner(cfg, info, device, None, steps_per_epoch)
+    learner = build_learner(cfg, info, device, None, len(train_loader))
     schedule = epoch_schedule(learner, train_loader, cfg)
     total_steps = sum(steps for _, _, _, steps in schedule)
     if cfg.train.max_steps is not None:
@@ -385,91 +358,97 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
             cfg.data.holdout,
             cfg.data.name,
         )
-    out = prepare_run_dir(cfg, create=writer)
-    if ctx is not None:
-        from locallearn.distributed.context import broadcast_object
-        from locallearn.distributed.runtime import barrier
+    return train_loader, test_loader, learner, schedule, total_steps
 
-        barrier()  # every rank has checked --out before rank 0 writes into it
-    store = CheckpointStore(out, cfg.train.keep_checkpoints) if writer else None
-    resume_from = None
-    if cfg.train.resume:
-        resume_from = resolve_resume(cfg.train.resume, out, log) if writer else None
-        if ctx is not None:
-            resume_from = broadcast_object(resume_from)  # rank 0 chose (and logged why); every rank loads it
-    executor = _make_executor(mode, cfg, learner, ctx, train_loader, resume_from)
-    progress = Progress()
-    if resume_from is not None:
-        progress = _restore(resume_from, cfg, learner, executor)
-        log.info("resumed at step %d (epoch %d, batch %d)", learner.step, progress.epoch + 1, progress.batch)
-    if writer:
-        dump_yaml(cfg, out / "config.yaml")
-        resumed = {"resumed_from": None if resume_from is None else str(resume_from), "resumed_at_step": learner.step}
-        start = start_record(started, git_commit(), device=str(device), **resumed)
-        write_run_record(out, start, append=bool(cfg.train.resume))  # a rerun with --resume keeps earlier starts
+
+def _announce(run: Run) -> None:
+    """Write the resolved config and this start's record (rank 0), and log what runs where."""
+    cfg, learner = run.cfg, run.learner
+    if run.writer:
+        dump_yaml(cfg, run.out / "config.yaml")
+        resumed = {"resumed_from": None if run.resume_from is None else str(run.resume_from),
+                   "resumed_at_step": learner.step}  # fmt: skip
+        start = start_record(run.started, git_commit(), device=str(run.device), **resumed)
+        write_run_record(run.out, start, append=bool(cfg.train.resume))  # a rerun with --resume keeps earlier starts
+    ctx = run.ctx
     log.info(
         "run %s: %s on %s, %s, K=%d on %s%s",
-        out,
+        run.out,
         cfg.train.method,
         cfg.model.arch,
         cfg.data.name,
         len(learner.blocks),
-        device,
-        "" if ctx is None else f", {mode}-parallel over {ctx.world} processes ({ctx.backend})",
+        run.device,
+        "" if ctx is None else f", {run.mode}-parallel over {ctx.world} processes ({ctx.backend})",
     )
     for line in learner.describe():
         log.info("  %s", line)
     if learner.method.aux_summary:
         log.info("  %s", learner.method.aux_summary)
 
-    wall_start = time.perf_counter()
-    memory = MemoryReport(device)
+
+def _execute(run: Run, memory: MemoryReport) -> bool:
+    """Train the epoch plan (from the restored progress), with signals, TensorBoard and the executor's ending; False on
+    a pipeline stage > 0, which follows rank 0 instead and has no results of its own."""
+    cfg, learner, executor, progress = run.cfg, run.learner, run.executor, run.progress
     signals = _Signals(["SIGTERM", "SIGINT"] + (["SIGUSR1"] if cfg.train.stop_on_sigusr1 else []))
-    tb = NullLog()
-    if tensorboard and writer:
-        resumed_step = learner.step if resume_from is not None else None
-        tb = open_log(out, cfg.train.log_every, resumed_step, required=cfg.train.tensorboard == "on")
+    epochs = len(run.schedule)
+    sinks = _sinks(run, epochs)
     try:
-        if mode == "pipeline" and not writer:
+        if run.mode == "pipeline" and not run.writer:
             signum = executor.serve()  # stages > 0 follow rank 0's commands until it stops them
             if signum:
                 raise Preempted(f"{signal.Signals(signum).name} received: stopped with the pipeline", signum)
-            return None
-        finished = False
+            return False
         try:
-            while progress.epoch < len(schedule) and learner.step < total_steps:
-                _enter_epoch(learner, train_loader, schedule[progress.epoch])
+            while progress.epoch < epochs and learner.step < run.total_steps:
+                _enter_epoch(learner, run.train_loader, run.schedule[progress.epoch])
                 with memory.window("train"):
-                    _train_epoch(
-                        learner, train_loader, progress, total_steps, cfg, store, signals, executor, len(schedule), tb
-                    )
-                if progress.batch < len(train_loader):
+                    _train_epoch(learner, run.train_loader, progress, run.total_steps, cfg, run.store, signals,
+                                 executor, epochs, sinks)  # fmt: skip
+                if progress.batch < len(run.train_loader):
                     break  # max_steps reached inside the epoch: that partial epoch is evaluated below
-                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule), tb)
+                _end_epoch(learner, run.test_loader, progress, memory, cfg, run.out, run.store, executor, epochs, sinks)
             if progress.batch > 0:  # a run cut short by max_steps mid-epoch still reports that partial epoch
-                _end_epoch(learner, test_loader, progress, memory, cfg, out, store, executor, len(schedule), tb)
-            finished = True
+                _end_epoch(learner, run.test_loader, progress, memory, cfg, run.out, run.store, executor, epochs, sinks)
         except Preempted as err:
             executor.finish(err.exit_code - 128)
             raise
-        if finished:
-            executor.finish(0)
+        executor.finish(0)
     except RuntimeError as err:
-        if ctx is None or not _is_peer_failure(err):
+        if run.ctx is None or not _is_peer_failure(err):
             raise
         raise PeerFailed(
-            f"rank {ctx.rank}: another process of the run failed or did not answer within --dist.timeout_s="
+            f"rank {run.ctx.rank}: another process of the run failed or did not answer within --dist.timeout_s="
             f"{cfg.dist.timeout_s:g} s ({' '.join(str(err).split())[:200]}); the other ranks' logs say which and why. "
-            f"Checkpoints already in {out / 'checkpoints'} are complete: fix the cause and rerun with --resume auto"
+            f"Checkpoints already in {run.out / 'checkpoints'} are complete: fix the cause and rerun with --resume auto"
         ) from None
     finally:
         signals.restore()
-        tb.close()  # flushed and closed whatever ended the run (an error, a signal, a lost peer)
-    _, peak_kind = peak_memory(device)
-    log.info("memory: %s", memory.describe())
+        sinks.close()  # flushed and closed whatever ended the run (an error, a signal, a lost peer)
+    return True
+
+
+def _sinks(run: Run, epochs: int) -> Sinks:
+    """metrics.jsonl and TensorBoard (rank 0), and the run log (every rank; quiet but for rank 0's)."""
+    cfg, learner = run.cfg, run.learner
+    sinks: list[Sink] = []
+    if run.writer:
+        sinks.append(MetricsFile(run.out / "metrics.jsonl", run.progress.history))
+        if wanted(cfg.train.tensorboard, announce=False):
+            resumed_step = learner.step if run.resume_from is not None else None
+            sinks.append(open_log(run.out, cfg.train.log_every, resumed_step, required=cfg.train.tensorboard == "on"))
+    sinks.append(ConsoleLog(epochs, len(learner.blocks), cfg.data.holdout is not None, learner.method.describe_report))
+    return Sinks(sinks)
+
+
+def _finish(run: Run, memory: MemoryReport, wall_seconds: float) -> dict[str, Any] | None:
+    """The summary (rank 0 writes it and the final checkpoint; the other ranks return None)."""
+    cfg, learner, progress = run.cfg, run.learner, run.progress
+    _, peak_kind = peak_memory(run.device)
     history = progress.history
-    extra = executor.summary_extra()  # a collective under data parallelism (fingerprints of every rank)
-    if not writer:
+    extra = run.executor.summary_extra()  # a collective under data parallelism (fingerprints of every rank)
+    if not run.writer:
         return None
     summary = {
         "method": cfg.train.method,
@@ -490,31 +469,31 @@ def train(cfg: RunConfig) -> dict[str, Any] | None:
         **memory.summary(),
         "images_per_second": progress.train_images / max(progress.train_seconds, 1e-9),
         **learner.num_params(),
-        "wall_seconds": time.perf_counter() - wall_start,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "wall_seconds": wall_seconds,
+        "device": str(run.device),
+        "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "seed": cfg.train.seed,
         "git_commit": git_commit(),
-        "resumed_from": None if resume_from is None else str(resume_from),
+        "resumed_from": None if run.resume_from is None else str(run.resume_from),
         "skipped_nonfinite_steps": learner.skipped_steps,
         "phases": [  # each phase once, in order (the schedule has one entry per epoch)
             {"name": p.name, "learning": list(p.learning), "epochs": p.epochs, "batch_size": p.batch_size}
-            for p in dict.fromkeys(phase for phase, _, _, _ in schedule if phase is not None)
+            for p in dict.fromkeys(phase for phase, _, _, _ in run.schedule if phase is not None)
         ],
         "method_report": learner.method.report(),
         "parallel": "none",
         **extra,
         "fingerprint": fingerprint(learner.model),
-        "out": str(out),
+        "out": str(run.out),
     }
     if cfg.train.save_checkpoint:
         atomic_torch_save(
             {"format": 1, "config": cfg.to_dict(), "learner": learner.state_dict(), "summary": summary},
-            out / "checkpoint.pt",
+            run.out / "checkpoint.pt",
         )
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -567,7 +546,7 @@ def _train_epoch(
     signals,
     executor,
     epochs: int,
-    tb: NullLog | None = None,
+    sinks: Sink | None = None,
 ) -> None:
     """Train the rest of ``progress.epoch`` (from batch ``progress.batch``), checkpointing on the way."""
     loader.set_epoch(progress.epoch, start_batch=progress.batch)
@@ -583,7 +562,7 @@ def _train_epoch(
     )
     start = time.perf_counter()
     every = cfg.train.checkpoint_every
-    tb = tb or NullLog()
+    sinks = sinks or Sink()
 
     def bank() -> None:  # move the epoch's time and running sums into progress (before a save, at the end)
         _sync(learner)
@@ -595,7 +574,7 @@ def _train_epoch(
             break
         stats = executor.train_step(batch)
         means.update(stats)
-        tb.train_step(learner, stats)  # every --log-every steps
+        sinks.train_step(learner, stats)  # TensorBoard: every --log-every steps
         progress.batch += 1
         progress.epoch_seen += batch.y.numel() * executor.images_factor
         bar.update(1)
@@ -607,7 +586,7 @@ def _train_epoch(
         if (every and learner.step % every == 0 and progress.batch < len(loader)) or received:
             _add_sums(means.sums, executor.collect())
             bank()
-            tb.flush()  # every event up to this checkpoint is on disk before it is
+            sinks.flush()  # every event up to this checkpoint is on disk before it is
             _save(store, cfg, learner, progress, executor, executor.last_pipeline)
             start = time.perf_counter()  # the save's time is not training time
         if received:
@@ -647,9 +626,9 @@ def _end_epoch(
     store,
     executor,
     epochs: int,
-    tb: NullLog | None = None,
+    sinks: Sink | None = None,
 ) -> None:
-    """Evaluate, append the epoch's row to ``metrics.jsonl`` (and its scalars to TensorBoard) and checkpoint the
+    """Evaluate, hand the epoch's row to the sinks (``metrics.jsonl``, TensorBoard, the log) and checkpoint the
     epoch's end."""
     with memory.window("eval"):
         report = executor.evaluate(test_loader)
@@ -676,28 +655,7 @@ def _end_epoch(
     progress.train_seconds += seconds
     progress.epoch, progress.batch = progress.epoch + 1, 0
     progress.epoch_seen, progress.epoch_seconds, progress.epoch_sums, progress.epoch_count = 0, 0.0, {}, 0
-    if executor.writer:
-        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
-    tb = tb or NullLog()
-    tb.end_epoch(row, method_report, max(memory.last["train"], memory.last["eval"]))
-    blocks = " ".join("-" if a is None else f"{a:.3f}" for a in report["block_accuracies"])
-    log.info(
-        "epoch %d/%d step %d  train loss %s  %s acc %.4f%s  blocks [%s]  %.0f img/s",
-        row["epoch"],
-        epochs,
-        learner.step,
-        f"{last_loss:.4f}" if (last_loss := train_stats.get(f"loss/{len(learner.blocks) - 1}")) is not None else "-",
-        "test" if cfg.data.holdout is None else "holdout",
-        report["test_accuracy"],
-        "" if (top5 := report.get("test_top5_accuracy")) is None else f" (top-5 {top5:.4f})",
-        blocks,
-        row["images_per_second"],
-    )
-    clipped = {k: v for k, v in train_stats.items() if k.startswith("clip/") and v > 0}
-    if clipped:  # --optim.clip_grad_norm: say when it acts, per block
-        shares = ", ".join(f"{v:.0%} (block {k[5:]})" for k, v in clipped.items())
-        log.info("  gradient clipped in %s of the steps", shares)
-    if method_report:
-        log.info("  %s", learner.method.describe_report(method_report))
-    tb.flush()  # every event up to this checkpoint is on disk before it is
+    sinks = sinks or Sink()
+    sinks.end_epoch(row, method_report, max(memory.last["train"], memory.last["eval"]))
+    sinks.flush()  # every event up to this checkpoint is on disk before it is
     _save(store, cfg, learner, progress, executor, executor.last_pipeline)

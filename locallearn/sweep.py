@@ -49,8 +49,10 @@ from typing import Any
 import yaml
 
 from locallearn.config import RunConfig, load_yaml, set_field, validate
+from locallearn.durable import atomic_write
 from locallearn.errors import UserError
-from locallearn.runner import RESUMABLE_DIFFERENCES, atomic_write
+from locallearn.report import write_report
+from locallearn.results import result_view
 
 log = logging.getLogger("locallearn")
 
@@ -269,16 +271,6 @@ def _set(cfg: RunConfig, key: str, value: Any, source: str) -> None:
         raise UserError(f"{source}: {err}") from None
 
 
-def result_view(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config without the fields that say where and how a run ran (``runner.RESUMABLE_DIFFERENCES``: out, resume,
-    device, checkpointing cadence, logging, …): what decides its result."""
-    view = copy.deepcopy(cfg_dict)
-    for dotted in RESUMABLE_DIFFERENCES:
-        section, _, key = dotted.partition(".")
-        view.get(section, {}).pop(key, None)
-    return view
-
-
 # -- running ---------------------------------------------------------------------------------------------------------
 def _finished(trial: Trial, run_dir: Path) -> bool:
     """True when ``run_dir`` holds this trial's finished run; an error when it holds another configuration's."""
@@ -386,8 +378,6 @@ def sweep(grid: Grid, out: Path, jobs: int | None = None, report: bool = True) -
     finally:
         lock.release()
     if report:
-        from locallearn.report import write_report
-
         write_report([out / "runs" / t.name for t in trials], out, title=f"Sweep {_grid_title(grid.source)}")
     return results
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from locallearn.errors import UserError
 from locallearn.options import TENSORBOARD
+from locallearn.sinks import Sink
 
 log = logging.getLogger("locallearn")
 
@@ -93,22 +94,10 @@ def _block_tag(key: str, prefix: str = "") -> str | None:
     return f"block{k}/{prefix}{_STAT_TAGS[name]}"
 
 
-class NullLog:
-    """TensorBoard off (or this process is not the writer): every call does nothing."""
+class NullLog(Sink):
+    """TensorBoard off (or this process is not the writer): every call does nothing (:class:`Sink`'s)."""
 
     enabled = False
-
-    def train_step(self, learner: Any, stats: dict[str, Any]) -> None:
-        """After each training step: the step scalars, every ``log_every`` steps."""
-
-    def end_epoch(self, row: dict[str, Any], method_report: dict[str, Any], peak_bytes: int | None) -> None:
-        """At each epoch end, with its ``metrics.jsonl`` row: the epoch scalars."""
-
-    def flush(self) -> None:
-        """Before each checkpoint: every event so far on disk, so a resume from it misses none."""
-
-    def close(self) -> None:
-        """At the end of the run, whatever ended it."""
 
 
 class TensorBoardLog(NullLog):

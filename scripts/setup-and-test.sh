@@ -11,4 +11,5 @@ if ! [ -d /usr/share/datasets/fashion-mnist ]; then
 fi
 python3 -m pip install -q torch==2.14.1 torchvision==0.29.1
 python3 -m pip install -q -e ".[test]"
+lint-imports --no-cache    # the package's layers (pyproject.toml [tool.importlinter]): no upward import, no circle
 python3 -m pytest "$@"

@@ -18,7 +18,8 @@ from locallearn.errors import UserError
 from locallearn.methods import any_model_methods
 from locallearn.mixing import BatchMixer
 from locallearn.optim import build_optimizer, no_weight_decay_ids
-from locallearn.runner import _config_differences, train
+from locallearn.results import config_differences
+from locallearn.runner import train
 from tests.conftest import make_batches
 
 ALL_METHODS = any_model_methods()
@@ -322,7 +323,7 @@ def test_a_checkpoint_written_before_new_fields_existed_still_resumes():
     for key in ("name", "betas", "clip_grad_norm", "warmup_fraction"):
         del saved["optim"][key]
     del saved["train"]["label_smoothing"]
-    assert _config_differences(saved, current) == []
+    assert config_differences(saved, current) == []
     changed = copy.deepcopy(current)
     changed["optim"]["name"] = "adamw"
-    assert _config_differences(saved, changed) == ["optim.name: checkpoint None, now 'adamw'"]
+    assert config_differences(saved, changed) == ["optim.name: checkpoint None, now 'adamw'"]  # None: absent

@@ -41,11 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from locallearn.checkpoint import rng_state, set_rng_state
 from locallearn.data import Batch
 from locallearn.distributed.context import DistContext
-from locallearn.engine import eval_blocks, eval_sums
-from locallearn.errors import UserError
+from locallearn.engine import eval_blocks, eval_report, eval_sums
+from locallearn.errors import CheckpointError, UserError
+from locallearn.memory import balanced_boundaries
+from locallearn.rng import rng_state, set_rng_state
 
 TRAIN, EVAL, EVAL_END, GATHER, STOP = 1, 2, 3, 4, 5
 HEADER = 14  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5, soft classes (0: none), soft dtype]
@@ -57,8 +58,6 @@ MAX_IN_FLIGHT = 2  # micro-batches a stage may run ahead of the next one (bounds
 def balance(costs: list[float], stages: int) -> list[int]:
     """First block of stages 1 .. S−1 for contiguous stages minimising the largest stage cost (exact, by dynamic
     programming over the K blocks)."""
-    from locallearn.memory import balanced_boundaries
-
     if not 1 <= stages <= len(costs):
         raise UserError(f"{stages} pipeline stages need at least as many blocks, the run has K={len(costs)}: raise --K")
     # the splitter's exact min-max partition, with blocks for layers and no auxiliary cost at any cut; the trailing
@@ -308,8 +307,6 @@ class PipelineStage:
     def evaluate(self, batches) -> dict:
         """Stage 0: evaluate the whole pipeline (a plain forward pipeline); the accuracies of every block, summed
         over the stages, on every rank."""
-        from locallearn.engine import eval_report
-
         learner = self.learner
         learner.model.eval()
         learner.method.eval()
@@ -401,8 +398,6 @@ class PipelineStage:
             self.applied, self.pending = self.learner.step - 1, []
             return
         if state["starts"] != self.starts:
-            from locallearn.errors import CheckpointError
-
             raise CheckpointError(
                 f"the checkpoint was written by pipeline stages {state['starts']}, this run has {self.starts}: resume "
                 "with the same --dist.stages"

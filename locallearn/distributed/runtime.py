@@ -13,11 +13,12 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from locallearn.checkpoint import rng_state, set_rng_state
+from locallearn.data import as_batch
 from locallearn.distributed.context import DistContext
 from locallearn.distributed.data_parallel import DataParallel, gather_to_writer
 from locallearn.distributed.pipeline import PipelineStage
 from locallearn.metrics import fingerprint
+from locallearn.rng import rng_state, set_rng_state
 
 log = logging.getLogger("locallearn")
 
@@ -111,8 +112,6 @@ class PipelineRun(Sequential):
         return self.stage.train_step(batch)
 
     def evaluate(self, loader) -> dict:
-        from locallearn.data import as_batch
-
         return self.stage.evaluate(as_batch(b, self.learner.device) for b in loader)
 
     def collect(self) -> tuple[dict[str, Tensor], Any]:

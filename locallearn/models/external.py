@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from locallearn.errors import UserError
 from locallearn.feature_heads import layout_of_rank
 from locallearn.models.layered import LayeredModel
+from locallearn.models.traced import TraceRefused, trace_model, whole_model
 
 log = logging.getLogger("locallearn")
 
@@ -116,8 +117,6 @@ def as_layered(model: nn.Module, input_shape: tuple[int, ...], *, whole_ok: bool
     """``model`` itself when it is a :class:`LayeredModel`; else its traced segments
     (:func:`locallearn.models.traced.trace_model`). With ``whole_ok`` (K=1) a model that cannot be cut is one layer.
     """
-    from locallearn.models.traced import TraceRefused, trace_model, whole_model
-
     if isinstance(model, LayeredModel):
         return model
     try:

@@ -31,6 +31,7 @@ from locallearn.errors import UserError
 from locallearn.models import tracing
 from locallearn.models.layered import LayeredModel
 from locallearn.models.layouts import Layout, frontier_layout, stages_from_shapes
+from locallearn.module_copy import clone_module
 
 
 class TraceRefused(UserError):
@@ -126,8 +127,6 @@ class TracedModel(LayeredModel):
 
     def fresh_layer(self, j: int) -> nn.Module:
         """A new, re-initialised copy of segment ``j`` (AugLocal's auxiliary layers): no tensor is shared."""
-        from locallearn.module_copy import clone_module
-
         layer = clone_module(self.layers[j])
         for module in layer.modules():
             reset = getattr(module, "reset_parameters", None)
