@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,13 +208,6 @@ def build_optimizer(
     except (TypeError, ValueError) as err:  # an argument the optimizer does not take, or a value it refuses
         why = f"optimizer {cfg.name!r} cannot be built from the optim section ({err}): fix the option"
         raise UserError(why) from None
-
-
-def build_optimizers(
-    groups: Iterable[list[nn.Parameter]], cfg: OptimConfig, no_decay: set[int] | None = None
-) -> list[torch.optim.Optimizer]:
-    """One optimizer per block, each over that block's parameters plus its auxiliary net's (DGL's layout)."""
-    return [build_optimizer(params, cfg, no_decay) for params in groups]
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
