@@ -9,6 +9,7 @@ import torch
 
 from locallearn.config import RunConfig, from_dict
 from locallearn.data import build_data
+from locallearn.durable import verify
 from locallearn.errors import CheckpointError
 from locallearn.from_config import build_learner
 from locallearn.learner import LocalLearner
@@ -38,7 +39,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def evaluate_checkpoint(
     path: str | Path, *, data_dir: str | None = None, device: str = "auto", batch_size: int | None = None
 ) -> dict[str, Any]:
-    """Rebuild the run's model, method and split from the checkpoint's config and evaluate on its test set."""
+    """Rebuild the run's model, method and split from the checkpoint's config and evaluate on its test set (after
+    checking the file against its manifest, which both kinds of checkpoint have: :mod:`locallearn.durable`)."""
+    manifest = Path(path).with_suffix(".json")
+    if manifest.is_file() and (problem := verify(manifest)) is not None:
+        raise CheckpointError(f"checkpoint {path} does not verify against {manifest.name}: {problem}")
     ckpt = load_checkpoint(path)
     cfg: RunConfig = from_dict(ckpt["config"])
     if data_dir is not None:

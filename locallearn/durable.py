@@ -7,7 +7,9 @@ therefore sees the old file or the new one, never half of one, even after a powe
 A checkpoint is two files in ``<run>/checkpoints/``: ``step-<N>.pt`` (``torch.save``) and, written after it,
 ``step-<N>.json``, its manifest (SHA-256 and size of the ``.pt``, step, epoch, position). A checkpoint counts only
 when its manifest exists and verifies, so one killed while writing is never taken for a complete one. Rotation deletes
-the oldest complete checkpoints beyond ``keep`` (at least 2) only after the new one is complete.
+the oldest complete checkpoints beyond ``keep`` (at least 2) only after the new one is complete. The finished run's
+``<run>/checkpoint.pt`` (weights, config and summary; no training progress) goes through the same store and gets the
+same kind of manifest, ``<run>/checkpoint.json``, so ``--resume PATH`` verifies either kind alike.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from locallearn.errors import CheckpointError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
+FINAL_CHECKPOINT = "checkpoint.pt"
 _NAME = re.compile(r"step-(\d+)\.json$")
 
 
@@ -99,12 +102,14 @@ class CheckpointStore:
     def save(self, state: dict[str, Any], step: int, info: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` (data, then manifest), then delete the oldest beyond ``keep``."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"step-{step:09d}.pt"
-        atomic_torch_save(state, path)
-        manifest = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size, "step": step, **info}
-        atomic_write(path.with_suffix(".json"), json.dumps(manifest, indent=1) + "\n")
+        path = _write_with_manifest(state, self.dir / f"step-{step:09d}.pt", {"step": step, **info})
         self._rotate()
         return path
+
+    def save_final(self, state: dict[str, Any], step: int) -> Path:
+        """Write the finished run's ``checkpoint.pt`` beside ``checkpoints/`` (data, then its manifest); it is never
+        rotated away."""
+        return _write_with_manifest(state, self.dir.parent / FINAL_CHECKPOINT, {"step": step, "final": True})
 
     def manifests(self) -> list[Path]:
         """Manifest paths, newest step first."""
@@ -131,6 +136,14 @@ class CheckpointStore:
                 return Found(manifest.with_suffix(".pt"), json.loads(manifest.read_text()), skipped)
             skipped.append((manifest.with_suffix(".pt").name, problem))
         return Found(None, None, skipped)
+
+
+def _write_with_manifest(state: dict[str, Any], path: Path, info: dict[str, Any]) -> Path:
+    """``state`` to ``path`` atomically, then its manifest (file name, SHA-256, size, ``info``) beside it."""
+    atomic_torch_save(state, path)
+    manifest = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size, **info}
+    atomic_write(path.with_suffix(".json"), json.dumps(manifest, indent=1) + "\n")
+    return path
 
 
 def verify(manifest_path: Path) -> str | None:

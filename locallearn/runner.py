@@ -31,7 +31,7 @@ from locallearn.distributed.context import broadcast_object, init_from_env, laun
 from locallearn.distributed.data_parallel import convert_sync_batchnorm
 from locallearn.distributed.pipeline import balance, measure_block_seconds
 from locallearn.distributed.runtime import barrier
-from locallearn.durable import CheckpointStore, atomic_torch_save, atomic_write, check_keep, resolve_resume
+from locallearn.durable import CheckpointStore, atomic_write, check_keep, resolve_resume
 from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
 from locallearn.from_config import build_learner, build_mixer  # noqa: F401 (build_mixer: API)
 from locallearn.learner import LocalLearner
@@ -489,10 +489,8 @@ def _finish(run: Run, memory: MemoryReport, wall_seconds: float) -> dict[str, An
         "out": str(run.out),
     }
     if cfg.train.save_checkpoint:
-        atomic_torch_save(
-            {"format": 1, "config": cfg.to_dict(), "learner": learner.state_dict(), "summary": summary},
-            run.out / "checkpoint.pt",
-        )
+        final = {"format": 1, "config": cfg.to_dict(), "learner": learner.state_dict(), "summary": summary}
+        run.store.save_final(final, learner.step)
     atomic_write(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

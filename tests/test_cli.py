@@ -73,6 +73,15 @@ def test_train_writes_a_run_and_eval_reproduces_it(tmp_path, capsys):
     report = json.loads(stdout)
     assert report["test_accuracy"] == summary["test_accuracy"]
     assert report["block_accuracies"] == summary["block_accuracies"]
+    # the final checkpoint went through the checkpoint store: a manifest beside it, and a damaged file is refused
+    from locallearn.durable import verify
+
+    manifest = json.loads((out / "checkpoint.json").read_text())
+    assert verify(out / "checkpoint.json") is None and manifest["step"] == 8 and manifest["final"] is True
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped, same size
+    code, _, stderr = run_cli(["eval", "--checkpoint", out / "checkpoint.pt"], capsys)
+    assert code == 4 and "does not verify against checkpoint.json" in stderr and "SHA-256" in stderr
 
 
 def test_a_holdout_run_says_it_evaluated_on_validation_data(tmp_path, capsys):
