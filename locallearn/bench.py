@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from locallearn import measure
-from locallearn.bench_row import BenchConfig, bench_model, learner_builder
+from locallearn.bench_row import BenchConfig, bench_model, learner_builder, measure_row
 from locallearn.data import Batch
 from locallearn.errors import UserError
 from locallearn.measure import estimated_step_bytes
@@ -84,7 +84,7 @@ def lower_bound(cfg: BenchConfig, e2e: Row, costs: tuple[list[int], list[int]]) 
 def _measure(cfg: BenchConfig, row: Row, log) -> None:
     """Measure ``row`` for real in a fresh process and fill in its measured and timed fields."""
     try:
-        m = measure.measure_in_subprocess(asdict(cfg), row.method, row.bounds, row.checkpointing)
+        m = measure.measure_in_subprocess(measure_row, asdict(cfg), row.method, row.bounds, row.checkpointing)
     except RuntimeError as err:  # an out-of-memory kill of one row must not lose the others
         log(f"{row.label:<40} not measured: {err}")
         return

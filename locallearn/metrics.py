@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import resource
+import threading
 from pathlib import Path
 
 import torch
@@ -14,6 +16,9 @@ from locallearn.errors import UserError
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
+_STATM = "/proc/self/statm"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+SAMPLE_INTERVAL_S = 0.005
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,22 +73,79 @@ def process_peak_memory(device: torch.device) -> int:
     return _status_bytes("VmHWM") or int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+class RssSampler:
+    """The largest resident set (VmRSS) a background thread sees, reading ``/proc/self/statm`` every ``interval``
+    seconds until :meth:`stop` (a lower bound of the true peak: it misses spikes shorter than the interval). Reading
+    the resident set leaves the kernel's peak mark alone, which is the point (see :class:`MemoryWindow`)."""
+
+    def __init__(self, interval: float = SAMPLE_INTERVAL_S) -> None:
+        self.interval = interval
+        self.samples = 0
+        self._fd = os.open(_STATM, os.O_RDONLY)
+        self._max = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="locallearn-rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int:
+        return int(os.pread(self._fd, 128, 0).split()[1]) * _PAGE  # statm: size resident shared ... (pages)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, self._read())
+            self.samples += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        peak = max(self._max, self._read())
+        os.close(self._fd)
+        return peak
+
+
 class MemoryWindow:
     """The peak over a stretch of work and its growth over what was in use when the stretch began.
 
     ``growth`` is what the work itself needed (on CPU: peak RSS minus RSS at the start, so the model, data and
-    libraries already resident are not counted); None where the CPU peak cannot be reset.
+    libraries already resident are not counted); None where the CPU peak cannot be measured.
+
+    CUDA: the allocator's peak counters, reset when the window opens (they are the process's own). CPU, two ways:
+
+    * ``reset=False`` (training runs): nothing outside the process loses anything. The kernel's peak-RSS mark (VmHWM,
+      which ``/usr/bin/time``, ``getrusage`` and schedulers read at exit) is only read: if the window raised it, the
+      window's peak is the new mark, exactly; otherwise the peak lies below an earlier one and the window reports the
+      largest resident set a sampling thread saw (:class:`RssSampler`, every 5 ms: a lower bound). ``exact`` says
+      which it was once closed.
+    * ``reset=True`` (a bench row's own measuring process, :mod:`locallearn.measure`): the mark is reset through
+      ``/proc/self/clear_refs`` when the window opens, so every window's peak is exact, at the price that the kernel
+      forgets the earlier peak (outside tools then see only the peak since the last reset). False in ``exact`` where
+      the kernel does not allow the reset.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, reset: bool = False) -> None:
         self.device = device
-        self.exact = reset_peak_memory(device)
+        self.reset = reset or device.type == "cuda"
+        self.sampler: RssSampler | None = None
+        self.mark = None
+        if self.reset:
+            self.exact = reset_peak_memory(device)
+        else:
+            self.mark = _status_bytes("VmHWM")
+            self.exact = self.mark is not None and os.path.exists(_STATM)
+            if self.exact:
+                self.sampler = RssSampler()
         self.start = memory_in_use(device)
 
     def close(self) -> tuple[int, int | None]:
         """(peak bytes since the window opened, growth over the start or None)."""
-        peak, _ = peak_memory(self.device)
-        return peak, (max(0, peak - self.start) if self.exact else None)
+        if self.sampler is None:
+            peak, _ = peak_memory(self.device)
+            return peak, (max(0, peak - self.start) if self.exact else None)
+        sampled = self.sampler.stop()
+        mark = _status_bytes("VmHWM") or 0
+        self.exact = mark > self.mark  # the window raised the process's peak: the mark is the window's own peak
+        peak = mark if self.exact else max(sampled, self.start)
+        return peak, max(0, peak - self.start)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -110,9 +172,11 @@ class MemoryReport:
     growth is the most any window of that kind added on top of what was in use when it opened (on CPU, RSS: the
     model, data and libraries already resident are not counted).
 
-    On CPU each window resets the kernel's peak-RSS mark (VmHWM), which the kernel also reports to the parent at exit:
-    ``/usr/bin/time`` then shows only the peak since the last reset. ``process_peak`` folds in every mark before it is
-    reset, so it is the lifetime peak (checked from outside by sampling: ``benchmarks/peak_rss.py``).
+    On CPU the windows only read the kernel's peak-RSS mark (VmHWM) and sample the resident set
+    (:class:`MemoryWindow` with ``reset=False``): the mark stays the process's lifetime peak, so ``/usr/bin/time``'s
+    maximum resident set, ``getrusage`` and a scheduler's accounting see the whole run, and ``process_peak`` (the
+    mark at the last window's end) is at most what they report. A window that does not raise the mark reports the
+    sampled peak, a lower bound; the training windows of the first epoch raise it in practice.
 
     ``last[kind]`` is the peak of the most recent window of that kind: an epoch's own peak is
     ``max(last["train"], last["eval"])`` once its evaluation has run (the per-epoch TensorBoard scalar).

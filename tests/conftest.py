@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,10 @@ from locallearn.data import Batch
 # The suite's tensors are tiny: one thread avoids the thread-pool overhead (and the oversubscription when two test
 # processes share the 2-core CI machine) that made single small ops take milliseconds.
 torch.set_num_threads(1)
+# ... and the processes the tests start (`locallearn train`, bench rows, torchrun workers) one each too: the suite runs
+# on two pytest-xdist workers, and a child with two OpenMP threads beside the other worker oversubscribes the cores
+# (spinning threads then wait for each other). Results compared across processes are all made at one thread.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -375,6 +375,7 @@ def test_bench_estimates_a_timm_model_on_fake_copies():
         ks=[2],
         splits=["even", "balanced"],
         time_steps=0,
+        measure=False,  # estimates only: measuring in fresh processes is test_measure's
     )
     rows = run_bench(cfg, log=lambda line: None)
     assert [r.label for r in rows][2:] == ["dgl+man K=2 even", "dgl+man K=2 balanced"]

@@ -96,6 +96,12 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "| E2E |" in out
     flops = {r["label"]: r["flops_per_image"] for r in data["rows"]}
     assert flops["E2E + checkpointing per stage"] > flops["E2E"] > 0  # recomputation is arithmetic too
+    # every row measured in a fresh process beside its estimate (locallearn.measure)
+    for r in data["rows"]:
+        assert r["measured_growth_bytes"] is not None and r["measured_growth_bytes"] > 0
+        assert r["measured_peak_bytes"] > r["measured_growth_bytes"]  # the process holds torch itself too
+        assert 0 < r["estimated_step_bytes"] < r["estimated_peak_bytes"]
+    assert "measured step MiB" in out and "| E2E | 1 | [] |" in out
 
 
 def test_train_flops_count_the_backward_and_see_the_decoder_form():

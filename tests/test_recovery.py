@@ -66,6 +66,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, u
     assert killed.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
     resumed = _train(out, method, "--resume", "auto")
     assert "resume: taking" in resumed.stderr
+    assert "skipped checkpoint" not in resumed.stderr  # the newest complete checkpoint was taken
     summary = _summary(out)
     assert summary["resumed_from"] is not None and summary["steps"] == uninterrupted[method]["steps"]
     assert summary["fingerprint"] == uninterrupted[method]["fingerprint"]
@@ -84,27 +85,40 @@ def test_sigterm_saves_and_exits_143_and_the_same_command_resumes(tmp_path, unin
 
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_previous_one_taken(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    _interrupt(out, "dgl+man", signal.SIGKILL, after_step=9)
+    _interrupt(out, "dgl+man", signal.SIGKILL, after_step=9)  # checkpoints 6 and 9 complete
     store = CheckpointStore(out)
     newest = store.manifests()[0].with_suffix(".pt")
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated by hand
+    previous = store.manifests()[1].with_suffix(".pt")
     resumed = _train(out, "dgl+man", "--resume", "auto")
     assert f"skipped checkpoint {newest.name}" in resumed.stderr and "truncated" in resumed.stderr
+    assert f"resume: taking {previous}" in resumed.stderr
     assert _summary(out)["fingerprint"] == uninterrupted["dgl+man"]["fingerprint"]
 
 
-def test_resume_auto_without_checkpoints_starts_fresh_and_bad_resumes_are_refused(tmp_path, uninterrupted):
+def _refused(capsys, out: Path, *extra: str) -> tuple[int, str]:
+    """The CLI in this process (a refusal trains nothing, so no process of its own): exit status and stderr."""
+    from locallearn.cli import main
+
+    code = main([*RUN[3:], "--method", "dgl+man", "--out", str(out), *extra])
+    return code, capsys.readouterr().err
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_and_bad_resumes_are_refused(tmp_path, uninterrupted, capsys):
     fresh = _train(tmp_path / "fresh", "dgl+man", "--resume", "auto")
     assert "starting a fresh run" in fresh.stderr
     assert _summary(tmp_path / "fresh")["fingerprint"] == uninterrupted["dgl+man"]["fingerprint"]
-    missing = _train(tmp_path / "x", "dgl+man", "--resume", str(tmp_path / "nope.pt"), check=False)
-    assert missing.returncode == 4 and "no such file" in missing.stderr
+    code, err = _refused(capsys, tmp_path / "x", "--resume", str(tmp_path / "nope.pt"))
+    assert code == 4 and "no such file" in err
     ckpt = CheckpointStore(tmp_path / "fresh").manifests()[0].with_suffix(".pt")
-    other = _train(tmp_path / "fresh", "dgl+man", "--resume", str(ckpt), "--lr", "0.05", check=False)
-    assert other.returncode == 4 and "optim.lr" in other.stderr  # the differing field is named
+    code, err = _refused(capsys, tmp_path / "fresh", "--resume", str(ckpt), "--lr", "0.05")
+    assert code == 4 and "optim.lr" in err  # the differing field is named
     ckpt.write_bytes(b"garbage")
-    damaged = _train(tmp_path / "fresh", "dgl+man", "--resume", str(ckpt), check=False)
-    assert damaged.returncode == 4 and "does not verify" in damaged.stderr
+    code, err = _refused(capsys, tmp_path / "fresh", "--resume", str(ckpt))
+    assert code == 4 and "does not verify" in err
+    final = tmp_path / "fresh" / "checkpoint.pt"  # the final checkpoint carries no training progress
+    code, err = _refused(capsys, tmp_path / "fresh", "--resume", str(final))
+    assert code == 4 and "without training progress" in err
 
 
 def test_rotation_keeps_two_complete_checkpoints_and_writes_are_atomic(tmp_path):
