@@ -73,7 +73,7 @@ class TrainConfig:
         or the path of a checkpoint; None starts a new run.
     stop_on_sigusr1: SIGUSR1 stops the run like SIGTERM (save, exit 138); SIGTERM and SIGINT always do.
     nonfinite: a block whose loss or gradient is NaN/inf: "stop" (error naming block and step, exit 5), "skip"
-        (that block's step is skipped and counted in summary.json) or "off" (no check, no host sync per block).
+        (that block's step is skipped and counted in summary.json) or "off" (no check).
     deterministic: deterministic kernels only (``torch.use_deterministic_algorithms``, cuDNN without autotuning,
         cuBLAS's fixed workspace), so two runs with the same seed, device and thread count are bitwise equal step by
         step. On CPU locallearn's runs are that already; across thread counts they are not (see README).
@@ -83,7 +83,9 @@ class TrainConfig:
     progress: show a progress bar.
     tensorboard: TensorBoard event files in <out>/tensorboard/ (locallearn.tensorboard_log): "auto" (when the
         ``tensorboard`` package imports), "on" (an error without it) or "off".
-    log_every: also write the per-step TensorBoard scalars every this many training steps (0: epoch ends only).
+    log_every: also write the per-step TensorBoard scalars every this many training steps (0: epoch ends only);
+        the non-finite guard is read as often (and before every checkpoint and at every epoch's end), so a step
+        makes no host read of it (:mod:`locallearn.nonfinite`; 1: read before every block's step).
     """
 
     method: str = "dgl"

@@ -27,12 +27,13 @@ from torch._subclasses.fake_tensor import is_fake
 from locallearn import engine, recompute
 from locallearn.assembly import setup_info
 from locallearn.data import Batch, as_batch
-from locallearn.errors import CheckpointError, NonFiniteError, UserError
+from locallearn.errors import CheckpointError, UserError
 from locallearn.heads import Shape
 from locallearn.memory import balanced_boundaries, split_costs
 from locallearn.methods import LocalMethod, Phase, SetupInfo, create_method
 from locallearn.metrics import RunningMeans
 from locallearn.models import LayeredModel, as_layered, describe_split, resolve_split, split_model
+from locallearn.nonfinite import NonFiniteGuard, OptimizerSnapshot
 from locallearn.optim import OptimConfig, build_optimizer, check_optim, lr_at, no_weight_decay_ids, set_lr
 from locallearn.options import AMP, CHECKPOINTING, NONFINITE, STEP_ORDERS
 
@@ -128,7 +129,12 @@ class LocalLearner:
             is the tensor-core layout.
         nonfinite: before each block's optimizer step its loss and gradient norm are checked: "stop" raises
             :class:`locallearn.errors.NonFiniteError` naming the block and step; "skip" skips that block's step
-            (counted in ``skipped_steps``); "off" checks nothing (no host sync per block).
+            (counted in ``skipped_steps``); "off" checks nothing.
+        check_every: where the check is decided (:mod:`locallearn.nonfinite`): 1, on the host before each block's
+            step (one host read per block per step); N > 1, on the device with no host read in the step, read every
+            N steps ("stop" then raises at that read, naming the first non-finite step; "skip" still skips exactly);
+            0, on the device, read only when asked (``check_nonfinite()``, ``skipped_steps``, ``state_dict()``). A run
+            passes its ``--log-every``.
     """
 
     def __init__(
@@ -149,6 +155,7 @@ class LocalLearner:
         channels_last: bool = False,
         checkpointing: str = "none",
         nonfinite: str = "stop",
+        check_every: int = 1,
         label_smoothing: float = 0.0,
         mixing: Callable[[Batch, int], Batch] | None = None,
     ) -> None:
@@ -158,6 +165,8 @@ class LocalLearner:
             raise UserError(f"unknown checkpointing {checkpointing!r}: use one of {', '.join(CHECKPOINTING)}")
         if nonfinite not in NONFINITE:
             raise UserError(f"unknown nonfinite {nonfinite!r}: use one of {', '.join(NONFINITE)}")
+        if not isinstance(check_every, int) or check_every < 0:
+            raise UserError(f"check_every must be a whole number >= 0, got {check_every!r}")
         if amp is not None and amp not in AMP:
             # checked here, not only by the CLI's choices: the autocast helper reads any other value as bf16
             raise UserError(f"unknown amp {amp!r}: use None or one of {', '.join(AMP)}")
@@ -187,8 +196,8 @@ class LocalLearner:
         self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
         self.step_order, self.amp = step_order, None if amp == "none" else amp
         self.step = 0
-        self.nonfinite = nonfinite
-        self.skipped_by_block: list[int] = []  # steps the non-finite guard skipped, per block (sized by build)
+        self.nonfinite, self.check_every = nonfinite, check_every
+        self.guard: NonFiniteGuard | None = None  # per-block non-finite records (made by build, on the device)
         # Set by locallearn.distributed: averages block k's gradients (and loss) across processes before its step;
         # `where` names the process in error messages (" on rank 1").
         self.grad_sync: Callable[[int, torch.optim.Optimizer, Tensor | None], Tensor | None] | None = None
@@ -210,9 +219,30 @@ class LocalLearner:
         raise AttributeError(name)
 
     @property
+    def skipped_by_block(self) -> list[int]:
+        """Steps the non-finite guard skipped (``nonfinite="skip"``), per block (a read of the device's records)."""
+        if self.guard is None:
+            return []
+        if self.guard.on_device:
+            self.guard.read()
+        return self.guard.skipped
+
+    @skipped_by_block.setter
+    def skipped_by_block(self, counts: list[int]) -> None:
+        self.guard.skipped = [int(n) for n in counts]
+
+    @property
     def skipped_steps(self) -> int:
         """Block steps the non-finite guard skipped (``nonfinite="skip"``), all blocks together."""
         return sum(self.skipped_by_block)
+
+    def check_nonfinite(self) -> None:
+        """Read the guard's device records (one host read) and, under ``nonfinite="stop"``, raise
+        :class:`~locallearn.errors.NonFiniteError` for the first non-finite step among them. A no-op with
+        ``check_every=1``, where every step was checked on the host already."""
+        if self.guard is not None:
+            self.guard.where = self.where
+            self.guard.check()
 
     @property
     def built(self) -> bool:
@@ -264,7 +294,7 @@ class LocalLearner:
         ]
         if self.amp == "fp16":
             self.scalers = [torch.amp.GradScaler(self.device.type) for _ in self.blocks]
-        self.skipped_by_block = [0] * len(self.blocks)
+        self.guard = NonFiniteGuard(self.nonfinite, self.check_every, len(self.blocks), self.device)
         self._check_param_ownership()
 
     # -- construction helpers ------------------------------------------------------------------------------------
@@ -369,6 +399,8 @@ class LocalLearner:
                 block.eval()  # a block that does not learn in this phase keeps its BatchNorm statistics too
         stats, out = engine.train_blocks(self, batch, h, blocks, before_block, after_step)
         self.step += 1
+        if self.check_every > 1 and self.step % self.check_every == 0:
+            self.check_nonfinite()  # the one host read of the guard's records in check_every steps
         return stats, out
 
     def _checked_target(self, target: Tensor, x: Tensor) -> Tensor:
@@ -408,16 +440,20 @@ class LocalLearner:
         if scaler is not None:
             scaler.unscale_(opt)
         clip = self.optim_cfg.clip_grad_norm
-        check = self.nonfinite != "off" and loss is not None
+        check = self.nonfinite != "off" and loss is not None and not is_fake(loss)  # fake tensors hold no values
         norm = self._grad_norm(opt, loss) if check or clip is not None else None
-        if check and not self._finite(loss, norm if scaler is None else None):
+        if check:
+            ok = NonFiniteGuard.finite(loss, norm if scaler is None else None)  # an overflow is the scaler's
+        snapshot = None
+        if check and self.guard.on_device:  # decided on the device: nothing read here (locallearn.nonfinite)
+            self.guard.record(k, ok, loss, self.step)
+            if self.nonfinite == "skip":
+                snapshot = OptimizerSnapshot(opt, _with_grad(opt))
+        elif check and not bool(ok):  # check_every=1: one host read, before the step
             if self.nonfinite == "stop":
-                raise NonFiniteError(
-                    f"block {k} has a non-finite loss or gradient at step {self.step}{self.where} (loss "
-                    f"{loss.item():.4g}): its optimizer did not step; lower --lr, try --amp none, or pass "
-                    "--train.nonfinite=skip to skip such steps (a run's last checkpoint still holds finite weights)"
-                )
-            self.skipped_by_block[k] += 1
+                self.guard.where = self.where
+                raise self.guard.error(k, self.step, loss.item())
+            self.guard.skipped[k] += 1
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.update()  # unscale_ was called: the scaler expects its update before the next scale
@@ -431,6 +467,8 @@ class LocalLearner:
             scaler.update()
         else:
             opt.step()
+        if snapshot is not None:
+            snapshot.restore_unless(ok)  # a non-finite step does not count
         opt.zero_grad(set_to_none=True)  # frees block k's gradients before block k+1 runs
         self.method.after_step(k)
         return loss
@@ -442,16 +480,6 @@ class LocalLearner:
         if grads:
             return torch.nn.utils.get_total_norm(grads)
         return torch.zeros((), device=loss.device if loss is not None else None)
-
-    @staticmethod
-    def _finite(loss: Tensor, norm: Tensor | None) -> bool:
-        """The loss (and, given, the gradient norm) are finite (one host sync)."""
-        if is_fake(loss):  # memory estimation and FLOP counting run on fake tensors: there are no values to check
-            return True
-        ok = torch.isfinite(loss.float())
-        if norm is not None:
-            ok = ok & torch.isfinite(norm.to(loss.device).float())
-        return bool(ok)
 
     def fit(
         self,

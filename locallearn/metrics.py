@@ -144,7 +144,10 @@ class MemoryWindow:
         sampled = self.sampler.stop()
         mark = _status_bytes("VmHWM") or 0
         self.exact = mark > self.mark  # the window raised the process's peak: the mark is the window's own peak
-        peak = mark if self.exact else max(sampled, self.start)
+        # Below an earlier peak: what the sampler saw, never above the kernel's mark. The resident-set counters are
+        # kept per CPU and the mark is updated lazily, so a sample can pass the mark by a page or so; capped, every
+        # figure stays at most what /usr/bin/time and getrusage report for the process.
+        peak = mark if self.exact else min(max(sampled, self.start), mark)
         return peak, max(0, peak - self.start)
 
 

@@ -563,6 +563,7 @@ def _train_epoch(
     sinks = sinks or Sink()
 
     def bank() -> None:  # move the epoch's time and running sums into progress (before a save, at the end)
+        learner.check_nonfinite()  # "stop" stops here, before a checkpoint could hold a non-finite step
         _sync(learner)
         progress.epoch_seconds += time.perf_counter() - start
         progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count

@@ -15,6 +15,7 @@ import torch
 from locallearn import LocalLearner, create_model
 from locallearn.durable import CheckpointStore, atomic_write, verify
 from locallearn.errors import NonFiniteError
+from locallearn.metrics import fingerprint
 
 RUN = [
     sys.executable, "-m", "locallearn", "train", "--dataset", "synthetic", "--image-size", "16", "--arch", "resnet20",
@@ -187,3 +188,70 @@ def _same(x, y) -> bool:
     if isinstance(x, (list, tuple)):
         return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(_same, x, y))
     return x == y
+
+
+def _deferred_learner(nonfinite: str, check_every: int, poison: bool = True):
+    """The poisoned learner, with the guard decided on the device (read every ``check_every`` steps)."""
+    torch.manual_seed(0)
+    learner = LocalLearner(
+        create_model("resnet20"), "dgl", 3, input_shape=(3, 16, 16), nonfinite=nonfinite, check_every=check_every
+    )
+    weight = next(learner.blocks[1].parameters())
+    hook = weight.register_hook(lambda g: g * float("nan")) if poison else None
+    return learner, weight, hook
+
+
+def test_skip_decided_on_the_device_skips_exactly_as_the_host_check_does():
+    """Issue 30: with the guard on the device ("skip", check_every=0) the poisoned block's step is undone on the
+    device (parameters and momentum), so after the hook is gone both learners hold the same weights bit for bit."""
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    weights = []
+    for check_every in (1, 0):
+        learner, weight, hook = _poisoned_learner("skip") if check_every == 1 else _deferred_learner("skip", 0)
+        before = weight.detach().clone()
+        learner.train_step(x, y)
+        assert torch.equal(weight.detach(), before)  # undone on the device (check_every 0: nothing read yet)
+        hook.remove()
+        learner.train_step(x, y)
+        learner.train_step(x, y)
+        assert learner.skipped_by_block == [0, 1, 0] and learner.skipped_steps == 1
+        weights.append(fingerprint(learner.model))
+    assert weights[0] == weights[1]
+
+
+def test_stop_decided_on_the_device_names_the_first_non_finite_block_and_step_at_the_next_read():
+    learner, weight, hook = _deferred_learner("stop", 3, poison=False)
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    learner.train_step(x, y)  # step 0: finite
+    hook = weight.register_hook(lambda g: g * float("nan"))
+    learner.train_step(x, y)  # step 1: non-finite, not read yet
+    with pytest.raises(NonFiniteError, match=r"block 1 .* at step 1 .*every 3 steps"):
+        learner.train_step(x, y)  # step 2 ends the third step: the guard is read
+    hook.remove()
+
+
+def test_a_training_step_reads_nothing_from_the_device_when_the_guard_is_deferred(monkeypatch):
+    """Issue 30: no ``.item()``, ``bool()``, ``int()``, ``float()`` or ``.tolist()`` of a tensor in a DGL K=4 step
+    (what would stall a GPU's launch queue), with the guard read every 50 steps; with ``check_every=1`` the same
+    step reads the device once per block."""
+    reads = []
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for check_every, expected in ((50, 0), (1, 4)):
+        torch.manual_seed(0)
+        learner = LocalLearner(create_model("resnet20"), "dgl", 4, input_shape=(3, 16, 16), check_every=check_every)
+        learner.train_step(x, y)  # the optimizers' state exists from here on
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+                real = getattr(torch.Tensor, name)
+                m.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+            learner.train_step(x, y)
+        assert len(reads) == expected, reads
+        reads.clear()
+
+
+def test_a_run_with_the_guard_on_the_device_stops_before_its_next_checkpoint(tmp_path, capsys):
+    """A run reads the guard every --log-every steps and before every checkpoint: at lr 1e30 block 0's loss is NaN
+    at step 1; the run stops at the step-3 checkpoint with exit 5, naming block 0 and step 1, and saves nothing."""
+    code, err = _refused(capsys, tmp_path / "nan", "--lr", "1e30", "--max-steps", "6", "--tensorboard", "off")
+    assert code == 5 and "block 0 has a non-finite loss or gradient at step 1" in err and "every 50 steps" in err
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").iterdir())
