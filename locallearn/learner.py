@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import is_fake
 from locallearn import engine, recompute
 from locallearn.assembly import setup_info
 from locallearn.data import Batch, as_batch
+from locallearn.early_exit import EarlyExit
 from locallearn.errors import CheckpointError, UserError
 from locallearn.heads import Shape
 from locallearn.memory import balanced_boundaries, split_costs
@@ -569,6 +570,13 @@ class LocalLearner:
             self.build(tuple(first.x.shape[1:]))
             batches = itertools.chain([first], batches)
         return engine.evaluate(self, batches, reduce=self.eval_reduce)
+
+    def early_exit(self, threshold: float) -> EarlyExit:
+        """This learner's blocks and auxiliary classifiers as an early-exit inference module (:mod:`locallearn.
+        early_exit`): each sample is answered by the first auxiliary classifier whose top softmax probability reaches
+        ``threshold``, else by the network's own; ``module(x)`` returns ``(logits, exit block per sample)``. An
+        unbuilt learner is cut on the module's first batch. Refused for e2e and softhebb (no auxiliary classifiers)."""
+        return EarlyExit(self, threshold)
 
     # -- reporting and state -------------------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:
