@@ -36,11 +36,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def evaluate_checkpoint(
+def restore_learner(
     path: str | Path, *, data_dir: str | None = None, device: str = "auto", batch_size: int | None = None
-) -> dict[str, Any]:
-    """Rebuild the run's model, method and split from the checkpoint's config and evaluate on its test set (after
-    checking the file against its manifest, which both kinds of checkpoint have: :mod:`locallearn.durable`)."""
+) -> tuple[LocalLearner, RunConfig, Any]:
+    """The run's learner, rebuilt from the checkpoint's config (model, method, split) with its weights, and the run's
+    test loader (after checking the file against its manifest, which both kinds of checkpoint have:
+    :mod:`locallearn.durable`). For ``locallearn eval`` and ``locallearn export``."""
     manifest = Path(path).with_suffix(".json")
     if manifest.is_file() and (problem := verify(manifest)) is not None:
         raise CheckpointError(f"checkpoint {path} does not verify against {manifest.name}: {problem}")
@@ -58,6 +59,14 @@ def evaluate_checkpoint(
     )
     learner: LocalLearner = build_learner(cfg, info, dev, None, 1)
     learner.load_state_dict(ckpt["learner"])
+    return learner, cfg, test_loader
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, data_dir: str | None = None, device: str = "auto", batch_size: int | None = None
+) -> dict[str, Any]:
+    """Rebuild the run's model, method and split from the checkpoint and evaluate on its test set."""
+    learner, cfg, test_loader = restore_learner(path, data_dir=data_dir, device=device, batch_size=batch_size)
     report = learner.evaluate(test_loader)
     return {
         "checkpoint": str(path),

@@ -252,6 +252,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_summary(evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from locallearn.export import export_checkpoint
+
+    report = export_checkpoint(
+        args.checkpoint, args.format, args.out, early_exit=args.early_exit, data_dir=args.data_dir
+    )
+    _print_summary(report)
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None) -> None:
     from pathlib import Path
 
@@ -343,6 +352,21 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p_eval.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
     p_eval.add_argument("--data-dir", help="dataset root, if it moved since training")
     p_eval.add_argument("--device", default="auto")
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn export`: a checkpoint's network (or its early-exit network) as torch.export or ONNX."""
+    p = sub.add_parser("export", help="write a checkpoint's network as torch.export (.pt2) or ONNX, checked")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
+    p.add_argument("--format", required=True, choices=["exported", "onnx"], help="torch.export program or ONNX")
+    p.add_argument("--out", required=True, help="the file to write (a directory with --early-exit); never overwritten")
+    p.add_argument(
+        "--early-exit",
+        type=float,
+        metavar="T",
+        help="write the early-exit network instead: one graph per block and per auxiliary head, threshold T",
+    )
+    p.add_argument("--data-dir", help="dataset root, if it moved since training (a test batch checks the export)")
 
 
 def _list_parser(sub: argparse._SubParsersAction) -> None:
@@ -448,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``locallearn`` parser: one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="locallearn", description="Supervised local learning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _list_parser, _bench_parser, _compare_parser, _sweep_parser,
-                _report_parser):  # fmt: skip
+    for add in (_train_parser, _eval_parser, _export_parser, _list_parser, _bench_parser, _compare_parser,
+                _sweep_parser, _report_parser):  # fmt: skip
         add(sub)
     return parser
 
@@ -464,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "train": lambda: cmd_train(args, rest),
         "eval": lambda: cmd_eval(args),
+        "export": lambda: cmd_export(args),
         "bench": lambda: cmd_bench(args, rest, argv),
         "compare": lambda: cmd_compare(args, argv),
         "sweep": lambda: cmd_sweep(args),
