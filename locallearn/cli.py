@@ -261,6 +261,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     _print_summary(report)
 
 
+def cmd_exits(args: argparse.Namespace) -> None:
+    from locallearn.exits import calibrate, summary_line
+
+    report = calibrate(args.checkpoint, holdout=args.holdout, max_drop=args.max_drop, data_dir=args.data_dir)
+    print(summary_line(report), file=sys.stderr)
+    _print_summary(report)
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str], argv: list[str] | None) -> None:
     from pathlib import Path
 
@@ -369,6 +377,15 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="dataset root, if it moved since training (a test batch checks the export)")
 
 
+def _exits_parser(sub: argparse._SubParsersAction) -> None:
+    """`locallearn exits`: calibrate a checkpoint's early exits on held-out data."""
+    p = sub.add_parser("exits", help="calibrate early exits on held-out data: accuracy against MACs, exits.json")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (exits.json is written beside it)")
+    p.add_argument("--holdout", type=int, help="the last N training examples (default: the run's own --holdout)")
+    p.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the exits may lose (default 0.5)")
+    p.add_argument("--data-dir", help="dataset root, if it moved since training")
+
+
 def _list_parser(sub: argparse._SubParsersAction) -> None:
     """`locallearn list`: archs, methods, datasets, splits, presets; a model's cuts."""
     p_list = sub.add_parser("list", help="list architectures, methods, datasets, splits and presets")
@@ -472,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``locallearn`` parser: one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="locallearn", description="Supervised local learning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _export_parser, _list_parser, _bench_parser, _compare_parser,
-                _sweep_parser, _report_parser):  # fmt: skip
+    for add in (_train_parser, _eval_parser, _export_parser, _exits_parser, _list_parser, _bench_parser,
+                _compare_parser, _sweep_parser, _report_parser):  # fmt: skip
         add(sub)
     return parser
 
@@ -489,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": lambda: cmd_train(args, rest),
         "eval": lambda: cmd_eval(args),
         "export": lambda: cmd_export(args),
+        "exits": lambda: cmd_exits(args),
         "bench": lambda: cmd_bench(args, rest, argv),
         "compare": lambda: cmd_compare(args, argv),
         "sweep": lambda: cmd_sweep(args),

@@ -1,0 +1,64 @@
+"""`locallearn exits` (issue 29 item 2): counted multiply-accumulates equal a hand count, the replayed exit rule is
+EarlyExit's, and calibration reads held-out training examples, never the test set."""
+
+import json
+
+import torch
+from torch import nn
+
+from locallearn import LocalLearner, create_model
+from locallearn.cli import main
+from locallearn.data import Batch
+from locallearn.exits import count_macs, head_outputs, path_costs, replay
+
+
+def test_counted_macs_equal_a_hand_count():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 10))
+    # conv: 2 output channels x 16 positions x (1 input channel x 3 x 3) = 288; linear: 32 x 10 = 320 (biases and
+    # ReLU are not multiply-accumulates)
+    assert count_macs(net, torch.rand(1, 1, 4, 4)) == 288 + 320
+
+
+def test_the_replayed_rule_is_early_exits_rule_on_the_same_samples():
+    torch.manual_seed(0)
+    learner = LocalLearner(create_model("resnet20"), "dgl", 4, input_shape=(3, 16, 16))
+    x, y = torch.rand(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        learner.train_step(x, y)
+    learner.model.eval()
+    learner.method.eval()
+    batches = [Batch(x[:16], y[:16], x[:16]), Batch(x[16:], y[16:], x[16:])]
+    conf, pred, labels = head_outputs(learner, batches)
+    blocks, heads = path_costs(learner, (3, 16, 16), torch.device("cpu"))
+    assert heads[-1] is None and all(h > 0 for h in heads[:-1]) and all(b > 0 for b in blocks)
+    cumulative = torch.tensor(
+        [sum(blocks[: e + 1]) + sum(heads[: e + 1]) for e in range(3)] + [sum(blocks) + sum(heads[:3])]
+    )
+    threshold = conf[0].median().item()
+    got = replay(conf, pred, labels, cumulative, threshold)
+    logits, exits = learner.early_exit(threshold)(x)
+    assert got["accuracy"] == (logits.argmax(1) == y).float().mean().item()
+    assert got["exit_shares"] == torch.bincount(exits, minlength=4).div(32).tolist()
+    assert got["macs_per_image"] == cumulative[exits].float().mean().item()
+    assert 0 < got["exit_shares"][0] < 1  # some left at the first head
+
+
+def test_calibration_reads_held_out_training_examples_and_writes_exits_json(tmp_path, capsys):
+    out = tmp_path / "run"
+    train = ["train", "--dataset", "synthetic", "--image-size", "16", "--arch", "resnet20", "--method", "dgl",
+             "--K", "3", "--batch-size", "16", "--max-steps", "4", "--device", "cpu", "--no-progress", "--quiet",
+             "--data.synthetic_train_size=96", "--data.synthetic_test_size=32", "--limit-train", "64",
+             "--tensorboard", "off", "--out", str(out)]  # fmt: skip
+    assert main(train) == 0
+    capsys.readouterr()
+    assert main(["exits", "--checkpoint", str(out / "checkpoint.pt"), "--holdout", "32", "--max-drop", "100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((out / "exits.json").read_text())
+    # the last 32 of the 96 training examples; the run trained on the first 64 only
+    assert report["holdout_indices"] == [64, 96] and report["holdout_trained_on"] is False
+    chosen = report["chosen"]
+    assert chosen["threshold"] == min(r["threshold"] for r in report["curve_holdout"])  # any drop allowed: cheapest
+    assert report["full_network"]["macs_per_image"] == sum(report["block_macs"])
+    assert set(report["cpu_latency_ms"]) == {"batch_1", "batch_256"}
+    assert main(["exits", "--checkpoint", str(out / "checkpoint.pt")]) == 2  # no held-out data named: refused
+    assert "never the test set" in capsys.readouterr().err
