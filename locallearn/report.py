@@ -48,6 +48,7 @@ class Run:
     epochs: list[dict[str, Any]]
     label: str | None = None  # the configuration's label in the sweep that made the run (its grid.json), if any
     machine: str = "?"
+    exits: dict[str, Any] | None = None  # exits.json beside the checkpoint (locallearn exits), if calibrated
 
     @property
     def seed(self) -> int:
@@ -111,7 +112,8 @@ def load_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
         epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return Run(path, config, summary, epochs, _sweep_label(path), _machine(path, summary))
+    exits = json.loads((path / "exits.json").read_text()) if (path / "exits.json").is_file() else None
+    return Run(path, config, summary, epochs, _sweep_label(path), _machine(path, summary), exits)
 
 
 def _machine(path: Path, summary: dict[str, Any]) -> str:
@@ -400,6 +402,28 @@ def plot_accuracy_vs_memory(groups: list[Group], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_accuracy_vs_compute(runs: list[Run], groups: list[Group], path: Path) -> None:
+    """Each calibrated run's held-out accuracy against multiply-accumulates per image over the thresholds
+    (``locallearn exits``), its full network (a diamond) and the chosen threshold on the test set (a star)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    for i, run in enumerate(r for r in runs if r.exits):
+        curve, full, chosen = run.exits["curve_holdout"], run.exits["full_network"], run.exits["chosen"]
+        color = f"C{i % 10}"
+        label = f"{label_of(run, groups)}, seed {run.seed}"
+        ax.plot([c["macs_per_image"] / 1e6 for c in curve], [100 * c["accuracy"] for c in curve], "o-", ms=3,
+                color=color, label=f"{label}: held-out, over thresholds")  # fmt: skip
+        ax.plot([full["macs_per_image"] / 1e6], [100 * full["test_accuracy"]], "D", color=color)
+        ax.plot([chosen["test_macs_per_image"] / 1e6], [100 * chosen["test_accuracy"]], "*", ms=12, color=color,
+                label=f"{label}: threshold {chosen['threshold']} on the test set")  # fmt: skip
+    ax.set_xlabel("multiply-accumulates per image (M; the blocks and heads each sample ran)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Early exits: accuracy against compute (diamond: the full network on the test set)")
+    ax.grid(alpha=0.3)
+    _finish(ax, integer_x=False)
+    _save(fig, path)
+
+
 def _finish(ax, integer_x: bool) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -431,6 +455,24 @@ def write_report(paths: list[Path], out: Path, title: str = "locallearn report",
     out.mkdir(parents=True, exist_ok=True)
     for name, plot in PLOTS.items():
         plot(groups, out / name)
+    calibrated = [r for r in runs if r.exits]
+    if calibrated:
+        plot_accuracy_vs_compute(runs, groups, out / "accuracy_vs_compute.png")
+    exits_section = [
+        "## Early exits: accuracy against compute",
+        "",
+        "![accuracy against compute](accuracy_vs_compute.png)",
+        "",
+        *[
+            f"- `{r.path}`: threshold {r.exits['chosen']['threshold']} (chosen on {r.exits['holdout']} held-out "
+            f"training examples) gives {100 * r.exits['chosen']['test_accuracy']:.2f} % on the test set at "
+            f"{r.exits['chosen']['test_macs_per_image'] / 1e6:.2f} M MACs per image, against the network's "
+            f"{100 * r.exits['full_network']['test_accuracy']:.2f} % at "
+            f"{r.exits['full_network']['macs_per_image'] / 1e6:.2f} M"
+            for r in calibrated
+        ],
+        "",
+    ] if calibrated else []  # fmt: skip
     first = runs[0].summary
     devices = sorted({r.machine for r in runs})
     commits = sorted({str(r.summary.get("git_commit") or "unknown")[:12] for r in runs})
@@ -468,6 +510,7 @@ def write_report(paths: list[Path], out: Path, title: str = "locallearn report",
         "",
         "![accuracy against peak memory](accuracy_vs_memory.png)",
         "",
+        *exits_section,
         "## Runs",
         "",
         *[

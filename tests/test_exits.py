@@ -62,3 +62,6 @@ def test_calibration_reads_held_out_training_examples_and_writes_exits_json(tmp_
     assert set(report["cpu_latency_ms"]) == {"batch_1", "batch_256"}
     assert main(["exits", "--checkpoint", str(out / "checkpoint.pt")]) == 2  # no held-out data named: refused
     assert "never the test set" in capsys.readouterr().err
+    assert main(["report", str(out), "-o", str(tmp_path / "report")]) == 0  # the curve, drawn by locallearn report
+    assert (tmp_path / "report" / "accuracy_vs_compute.png").stat().st_size > 1000
+    assert f"threshold {chosen['threshold']} (chosen on 32 held-out" in (tmp_path / "report" / "report.md").read_text()
