@@ -32,6 +32,10 @@ def test_preset_builds(name):
         specs = PRESETS[cfg.model.arch][0][: kwargs.get("layers")]
         kwargs.setdefault("widths", [max(1, s.channels // 16) for s in specs])
         kwargs["image_size"] = size
+    vit_heads = {"tiny": 3, "small": 6, "base": 12}  # timm's ViTs: 12 blocks each; their width cut to 8 per head
+    if cfg.model.arch.startswith("timm:vit_"):  # here (ViT-Base: 86 M weights, 16 s to build), no boundary moves
+        heads = vit_heads[cfg.model.arch.split("_")[1]]
+        kwargs.update(embed_dim=8 * heads, num_heads=heads)
     model = create_model(cfg.model.arch, num_classes=info.num_classes, in_channels=channels, **kwargs)
     learner = LocalLearner(
         model,
