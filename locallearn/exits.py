@@ -120,7 +120,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Calibrate the checkpoint's exits on held-out data, report the chosen threshold on the test set, and write
     ``exits.json`` next to the checkpoint. ``max_drop``: accuracy points the exits may lose against the network."""
-    learner, cfg, test_loader = restore_learner(checkpoint, data_dir=data_dir, device="cpu")
+    learner, cfg, _ = restore_learner(checkpoint, data_dir=data_dir, device="cpu")  # its loader: the run's eval set
     learner.early_exit(1.01)  # refuses learners without auxiliary classifiers, with one line
     learner.model.eval()
     learner.method.eval()
@@ -144,6 +144,8 @@ def calibrate(
     curve = [replay(conf, pred, labels, cumulative_macs, t) for t in thresholds or THRESHOLDS]
     within = [r for r in curve if r["accuracy"] >= full - max_drop / 100 - 1e-12]
     chosen = min(within, key=lambda r: (r["macs_per_image"], -r["accuracy"]))
+    test_cfg = dataclasses.replace(cfg.data, holdout=None)  # the test set itself, also when the run held data out
+    _, test_loader, _ = build_data(test_cfg, cfg.train.batch_size, seed=cfg.train.seed, device="cpu")
     t_conf, t_pred, t_labels = head_outputs(learner, test_loader)
     test = replay(t_conf, t_pred, t_labels, cumulative_macs, chosen["threshold"])
     report: dict[str, Any] = {
@@ -153,6 +155,7 @@ def calibrate(
         "holdout": n,
         "holdout_indices": [total - n, total],  # of the training set, in file order; the test set is not read
         "holdout_trained_on": trained > total - n,
+        "examples": {"holdout": len(labels), "test": len(t_labels)},
         "max_drop_points": max_drop,
         "head_accuracies_holdout": [float((p == labels).float().mean()) for p in pred],
         "block_macs": blocks,

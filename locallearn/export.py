@@ -32,6 +32,9 @@ from locallearn.errors import UserError
 
 FORMATS = {"exported": ".pt2", "onnx": ".onnx"}
 TOLERANCE = 1e-4  # largest absolute output difference accepted (float32 kernels may reassociate sums)
+# ONNX files are protobufs, limited to 2 GiB: below this the weights go inside the one file (written beside it and
+# renamed, like every other output); above it they go to F.data beside F, written in place.
+ONNX_INLINE_LIMIT = 1536 * 2**20
 
 
 class _Head(nn.Module):
@@ -63,8 +66,13 @@ def _write(module: nn.Module, example: Tensor, path: Path, fmt: str) -> None:
         if fmt == "exported":
             torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dims), tmp)
         else:  # the exporter prints its progress: to stderr, so that stdout stays the command's JSON report
+            inline = sum(t.numel() * t.element_size() for t in module.state_dict().values()) < ONNX_INLINE_LIMIT
+            target = tmp if inline else path  # external weights are named after the file: written in place
             with contextlib.redirect_stdout(sys.stderr):
-                torch.onnx.export(module, (example,), str(tmp), dynamic_shapes=dims, dynamo=True, verbose=False)
+                torch.onnx.export(module, (example,), str(target), dynamic_shapes=dims, dynamo=True, verbose=False,
+                                  external_data=not inline)  # fmt: skip
+            if not inline:
+                return
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

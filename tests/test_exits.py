@@ -47,20 +47,25 @@ def test_calibration_reads_held_out_training_examples_and_writes_exits_json(tmp_
     out = tmp_path / "run"
     train = ["train", "--dataset", "synthetic", "--image-size", "16", "--arch", "resnet20", "--method", "dgl",
              "--K", "3", "--batch-size", "16", "--max-steps", "4", "--device", "cpu", "--no-progress", "--quiet",
-             "--data.synthetic_train_size=96", "--data.synthetic_test_size=32", "--limit-train", "64",
+             "--data.synthetic_train_size=96", "--data.synthetic_test_size=40", "--holdout", "32",
              "--tensorboard", "off", "--out", str(out)]  # fmt: skip
     assert main(train) == 0
     capsys.readouterr()
-    assert main(["exits", "--checkpoint", str(out / "checkpoint.pt"), "--holdout", "32", "--max-drop", "100"]) == 0
+    assert main(["exits", "--checkpoint", str(out / "checkpoint.pt"), "--max-drop", "100"]) == 0  # the run's holdout
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((out / "exits.json").read_text())
     # the last 32 of the 96 training examples; the run trained on the first 64 only
     assert report["holdout_indices"] == [64, 96] and report["holdout_trained_on"] is False
+    assert report["examples"] == {"holdout": 32, "test": 40}  # the test set itself (40 images), read once
     chosen = report["chosen"]
     assert chosen["threshold"] == min(r["threshold"] for r in report["curve_holdout"])  # any drop allowed: cheapest
     assert report["full_network"]["macs_per_image"] == sum(report["block_macs"])
     assert set(report["cpu_latency_ms"]) == {"batch_1", "batch_256"}
-    assert main(["exits", "--checkpoint", str(out / "checkpoint.pt")]) == 2  # no held-out data named: refused
+    other = tmp_path / "no-holdout"  # a run without --holdout: calibration needs --holdout N
+    plain = [a for a in train if a not in ("--holdout", "32", str(out))] + [str(other)]  # "--out" stays last
+    assert main(plain) == 0
+    capsys.readouterr()
+    assert main(["exits", "--checkpoint", str(other / "checkpoint.pt")]) == 2
     assert "never the test set" in capsys.readouterr().err
     assert main(["report", str(out), "-o", str(tmp_path / "report")]) == 0  # the curve, drawn by locallearn report
     assert (tmp_path / "report" / "accuracy_vs_compute.png").stat().st_size > 1000

@@ -51,6 +51,7 @@ def test_onnx_reproduces_the_network_under_onnxruntime(run, tmp_path, capsys):
     code, report = _export(capsys, "--checkpoint", out / "checkpoint.pt", "--format", "onnx", "--out",
                            tmp_path / "net.onnx")  # fmt: skip
     assert code == 0 and report["max_abs_difference"] <= 1e-4, report
+    assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]  # one self-contained file, nothing left beside it
     session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     x = torch.rand(3, 3, 16, 16)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
