@@ -13,9 +13,10 @@ decision is read decides what a step costs:
   calls before every checkpoint and at every epoch's end, and which ``skipped_steps`` and ``state_dict`` call).
   "skip" still skips exactly: the block's parameters and optimizer state are copied before its step and put back
   where the step was non-finite (``torch.where`` on the device; a state tensor the step created is zeroed, which
-  is what SGD's momentum and Adam's moments and step count start from). "stop" lets the block step and raises at the
-  next read, naming the block and the first non-finite step; a run saves nothing in between (it reads before every
-  checkpoint), so its last checkpoint holds finite weights.
+  is what SGD's momentum and Adam's moments and step count start from); the method's ``after_step`` still runs (MAN's
+  EMA copy then moves toward the restored layer, where the host check skips that update too). "stop" lets the block
+  step and raises at the next read, naming the block and the first non-finite step; a run saves nothing in between
+  (it reads before every checkpoint), so its last checkpoint holds finite weights.
 """
 
 from __future__ import annotations
