@@ -418,7 +418,7 @@ def plot_accuracy_vs_compute(runs: list[Run], groups: list[Group], path: Path) -
                 label=f"{label}: threshold {chosen['threshold']} on the test set")  # fmt: skip
     ax.set_xlabel("multiply-accumulates per image (M; the blocks and heads each sample ran)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Early exits: accuracy against compute (diamond: the full network on the test set)")
+    ax.set_title("Early exits: accuracy against compute (diamonds: full networks, test)")
     ax.grid(alpha=0.3)
     _finish(ax, integer_x=False)
     _save(fig, path)
