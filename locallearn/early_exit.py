@@ -15,6 +15,7 @@ Code names: ``blocks[k]`` is the paper's block k (``f_k``); ``method.aux_logits(
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -65,25 +66,38 @@ class EarlyExit(nn.Module):
             learner = self._learner[0]
             learner.build(tuple(x.shape[1:]))
             self._attach()
-        last = len(self.blocks) - 1
-        exits = torch.full((x.shape[0],), last, dtype=torch.long, device=x.device)
-        rows = torch.arange(x.shape[0], device=x.device)  # which samples are still running
-        answered: Tensor | None = None
-        h = x
-        for k, block in enumerate(self.blocks):
-            h = block(h)
-            logits = h if k == last else self.method.aux_logits(k, h)
-            if logits is None:
-                continue
-            if answered is None:
-                answered = logits.new_empty((x.shape[0], logits.shape[1]))
-            if k == last:
-                answered[rows] = logits
-                break
-            done = logits.softmax(dim=1).amax(dim=1) >= self.threshold
-            answered[rows[done]] = logits[done]
-            exits[rows[done]] = k
-            rows, h = rows[~done], h[~done]
-            if rows.numel() == 0:
-                break
-        return answered, exits
+        return exit_rule(list(self.blocks), self.method.aux_logits, x, self.threshold)
+
+
+def exit_rule(
+    blocks: Sequence[Callable[[Tensor], Tensor]],
+    head: Callable[[int, Tensor], Tensor | None],
+    x: Tensor,
+    threshold: float,
+) -> tuple[Tensor, Tensor]:
+    """Run ``blocks`` in order; after block k (not the last) ``head(k, h)`` gives its classifier's logits (None: no
+    classifier), and the samples whose top softmax probability reaches ``threshold`` leave with them; the last
+    block's output answers the rest. Returns (logits, exit block per sample). Shared by :class:`EarlyExit` and the
+    exported early-exit graphs (:func:`locallearn.export.load_early_exit`)."""
+    last = len(blocks) - 1
+    exits = torch.full((x.shape[0],), last, dtype=torch.long, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device)  # which samples are still running
+    answered: Tensor | None = None
+    h = x
+    for k, block in enumerate(blocks):
+        h = block(h)
+        logits = h if k == last else head(k, h)
+        if logits is None:
+            continue
+        if answered is None:
+            answered = logits.new_empty((x.shape[0], logits.shape[1]))
+        if k == last:
+            answered[rows] = logits
+            break
+        done = logits.softmax(dim=1).amax(dim=1) >= threshold
+        answered[rows[done]] = logits[done]
+        exits[rows[done]] = k
+        rows, h = rows[~done], h[~done]
+        if rows.numel() == 0:
+            break
+    return answered, exits

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from locallearn.checkpoint import restore_learner
+from locallearn.early_exit import exit_rule
 from locallearn.errors import UserError
 
 FORMATS = {"exported": ".pt2", "onnx": ".onnx"}
@@ -100,28 +101,11 @@ def load_early_exit(directory: str | Path):
         raise UserError(f"{directory} holds {spec['format']} graphs: run them with their runtime (exits.json)")
     blocks = [torch.export.load(directory / f"block{k}.pt2").module() for k in range(spec["blocks"])]
     heads = {k: torch.export.load(directory / f"head{k}.pt2").module() for k in spec["heads"]}
-    threshold, last = spec["threshold"], spec["blocks"] - 1
+    threshold = spec["threshold"]
 
     @torch.no_grad()
     def run(x: Tensor) -> tuple[Tensor, Tensor]:
-        exits = torch.full((x.shape[0],), last, dtype=torch.long)
-        rows, h, answered = torch.arange(x.shape[0]), x, None
-        for k, block in enumerate(blocks):
-            h = block(h)
-            logits = h if k == last else (heads[k](h) if k in heads else None)
-            if logits is None:
-                continue
-            if answered is None:
-                answered = logits.new_empty((x.shape[0], logits.shape[1]))
-            if k == last:
-                answered[rows] = logits
-                break
-            done = logits.softmax(dim=1).amax(dim=1) >= threshold
-            answered[rows[done]], exits[rows[done]] = logits[done], k
-            rows, h = rows[~done], h[~done]
-            if rows.numel() == 0:
-                break
-        return answered, exits
+        return exit_rule(blocks, lambda k, h: heads[k](h) if k in heads else None, x, threshold)
 
     return run
 
