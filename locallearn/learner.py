@@ -242,8 +242,7 @@ class LocalLearner:
         :class:`~locallearn.errors.NonFiniteError` for the first non-finite step among them. A no-op with
         ``check_every=1``, where every step was checked on the host already."""
         if self.guard is not None:
-            self.guard.where = self.where
-            self.guard.check()
+            self.guard.check(self.where)
 
     @property
     def built(self) -> bool:
@@ -452,8 +451,7 @@ class LocalLearner:
                 snapshot = OptimizerSnapshot(opt, _with_grad(opt))
         elif check and not bool(ok):  # check_every=1: one host read, before the step
             if self.nonfinite == "stop":
-                self.guard.where = self.where
-                raise self.guard.error(k, self.step, loss.item())
+                raise self.guard.error(k, self.step, loss.item(), self.where)
             self.guard.skipped[k] += 1
             opt.zero_grad(set_to_none=True)
             if scaler is not None:

@@ -60,12 +60,11 @@ class NonFiniteGuard:
     """Per-block records of non-finite steps, on the learner's device (see the module's docstring).
 
     ``skipped`` is the host-side count of skipped steps per block (``nonfinite="skip"``), brought up to date by
-    :meth:`read`; ``where`` names the process in messages (" on rank 1")."""
+    :meth:`read`. ``where`` in the messages names the process (" on rank 1"; the learner's)."""
 
     def __init__(self, mode: str, check_every: int, num_blocks: int, device: torch.device) -> None:
         self.mode, self.check_every = mode, check_every
         self.skipped = [0] * num_blocks
-        self.where = ""
         self.count = torch.zeros(num_blocks, dtype=torch.float64, device=device)  # float64: exact to 2^53
         self.first = torch.full((num_blocks,), -1.0, dtype=torch.float64, device=device)
         self.first_loss = torch.zeros(num_blocks, dtype=torch.float64, device=device)
@@ -106,16 +105,16 @@ class NonFiniteGuard:
         self.count.zero_()
         self.first.fill_(-1.0)
 
-    def check(self) -> None:
+    def check(self, where: str = "") -> None:
         """:meth:`read`, then under "stop" raise for the first non-finite step found."""
         if not self.on_device:
             return
         self.read()
         if self.mode == "stop" and self.stop_at is not None:
             step, k, loss = self.stop_at
-            raise self.error(k, step, loss, found_later=True)
+            raise self.error(k, step, loss, where, found_later=True)
 
-    def error(self, k: int, step: int, loss: float, found_later: bool = False) -> NonFiniteError:
+    def error(self, k: int, step: int, loss: float, where: str = "", found_later: bool = False) -> NonFiniteError:
         when = (
             f"; found when the guard was read (every {self.check_every} steps, at checkpoints and epoch ends): the run "
             "saved nothing after it"
@@ -123,7 +122,7 @@ class NonFiniteGuard:
             else ": its optimizer did not step"
         )
         return NonFiniteError(
-            f"block {k} has a non-finite loss or gradient at step {step}{self.where} (loss {loss:.4g}){when}; lower "
+            f"block {k} has a non-finite loss or gradient at step {step}{where} (loss {loss:.4g}){when}; lower "
             "--lr, try --amp none, or pass --train.nonfinite=skip to skip such steps (a run's last checkpoint still "
             "holds finite weights)"
         )
