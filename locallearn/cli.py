@@ -264,7 +264,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_exits(args: argparse.Namespace) -> None:
     from locallearn.exits import calibrate, summary_line
 
-    report = calibrate(args.checkpoint, holdout=args.holdout, max_drop=args.max_drop, data_dir=args.data_dir)
+    report = calibrate(
+        args.checkpoint,
+        holdout=args.holdout,
+        max_drop=args.max_drop,
+        confidence=args.confidence,
+        data_dir=args.data_dir,
+        latency_seconds=args.latency_seconds,
+    )
     print(summary_line(report), file=sys.stderr)
     _print_summary(report)
 
@@ -383,6 +390,19 @@ def _exits_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt (exits.json is written beside it)")
     p.add_argument("--holdout", type=int, help="the last N training examples (default: the run's own --holdout)")
     p.add_argument("--max-drop", type=float, default=0.5, help="accuracy points the exits may lose (default 0.5)")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="how sure the held-out images must make us that the drop is within --max-drop (one-sided, default "
+        "0.95; 0.5: the held-out drop as it is)",
+    )
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=2.0,
+        help="time each CPU latency figure for about this long (default 2; 0: no latency figures)",
+    )
     p.add_argument("--data-dir", help="dataset root, if it moved since training")
 
 

@@ -2,14 +2,17 @@
 EarlyExit's, and calibration reads held-out training examples, never the test set."""
 
 import json
+import math
+import statistics
 
+import pytest
 import torch
 from torch import nn
 
 from locallearn import LocalLearner, create_model
 from locallearn.cli import main
 from locallearn.data import Batch
-from locallearn.exits import count_macs, head_outputs, path_costs, replay
+from locallearn.exits import choose, count_macs, head_outputs, path_costs, replay
 
 
 def test_counted_macs_equal_a_hand_count():
@@ -41,6 +44,31 @@ def test_the_replayed_rule_is_early_exits_rule_on_the_same_samples():
     assert got["exit_shares"] == torch.bincount(exits, minlength=4).div(32).tolist()
     assert got["macs_per_image"] == cumulative[exits].float().mean().item()
     assert 0 < got["exit_shares"][0] < 1  # some left at the first head
+    full_right = (pred[-1] == labels).float()  # the network's own classifier, on the same samples
+    assert got["drop"] == pytest.approx(full_right.mean().item() - got["accuracy"])
+
+
+def test_the_threshold_is_chosen_on_a_confidence_bound_of_the_paired_drop():
+    """Issue 29: the cheapest τ whose held-out drop merely fits sits at the edge and lands beyond it half the time.
+    400 samples, two exits: at τ = 0.5 every sample leaves at the head, which is right where the network is except on
+    12 samples it gets wrong and 8 it gets right instead: drop (12 − 8) / 400 = 1 point, sd of the differences
+    √(20/400 − 0.01²)·√(400/399), so the one-sided 95 % bound is 1 + 1.645 · 100 · sd / 20 ≈ 2.84 points."""
+    n = 400
+    labels = torch.zeros(n, dtype=torch.long)
+    net = torch.zeros(n, dtype=torch.long)
+    head = net.clone()
+    net[:8], head[8:20] = 1, 1  # the network wrong on 8 the head gets right; the head wrong on 12 more
+    pred, conf = torch.stack([head, net]), torch.ones(2, n)
+    macs = torch.tensor([10, 100])
+    sure = replay(conf, pred, labels, macs, 0.5, z=statistics.NormalDist().inv_cdf(0.95))
+    sd = math.sqrt((20 / n - 0.01**2) * n / (n - 1))
+    assert sure["drop"] == pytest.approx(0.01) and sure["answered_differently"] == pytest.approx(20 / n)
+    assert sure["drop_bound"] == pytest.approx(0.01 + 1.6448536 * sd / 20)
+    never = replay(conf, pred, labels, macs, 1.01, z=1.6448536)
+    assert never["drop"] == never["drop_bound"] == 0 and never["macs_per_image"] == 100
+    assert choose([sure, never], max_drop=2.0) is never  # 1 point lost, but 2.84 not ruled out
+    assert choose([sure, never], max_drop=3.0) is sure
+    assert choose([replay(conf, pred, labels, macs, 0.5), never], max_drop=1.0)["threshold"] == 0.5  # z = 0
 
 
 def test_calibration_reads_held_out_training_examples_and_writes_exits_json(tmp_path, capsys):
@@ -51,7 +79,8 @@ def test_calibration_reads_held_out_training_examples_and_writes_exits_json(tmp_
              "--tensorboard", "off", "--out", str(out)]  # fmt: skip
     assert main(train) == 0
     capsys.readouterr()
-    assert main(["exits", "--checkpoint", str(out / "checkpoint.pt"), "--max-drop", "100"]) == 0  # the run's holdout
+    calibrate = ["exits", "--checkpoint", str(out / "checkpoint.pt"), "--max-drop", "100", "--latency-seconds", "0.05"]
+    assert main(calibrate) == 0  # on the run's holdout
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((out / "exits.json").read_text())
     # the last 32 of the 96 training examples; the run trained on the first 64 only
