@@ -21,7 +21,7 @@ import yaml
 from locallearn.data import DataConfig
 from locallearn.errors import UserError
 from locallearn.optim import SCHEDULES, OptimConfig, check_optim
-from locallearn.options import AMP, MIXUP_MODES, TENSORBOARD
+from locallearn.options import AMP, COMPILE_MODES, MIXUP_MODES, TENSORBOARD
 
 
 @dataclass
@@ -74,6 +74,9 @@ class TrainConfig:
     stop_on_sigusr1: SIGUSR1 stops the run like SIGTERM (save, exit 138); SIGTERM and SIGINT always do.
     nonfinite: a block whose loss or gradient is NaN/inf: "stop" (error naming block and step, exit 5), "skip"
         (that block's step is skipped and counted in summary.json) or "off" (no check).
+    compile: "off" (default), or the ``torch.compile`` mode each block's forward and local loss is compiled with
+        ("default", "reduce-overhead", "max-autotune"; :mod:`locallearn.compiled`). The first step compiles
+        (summary.json ``compile_seconds``, left out of ``images_per_second``).
     deterministic: deterministic kernels only (``torch.use_deterministic_algorithms``, cuDNN without autotuning,
         cuBLAS's fixed workspace), so two runs with the same seed, device and thread count are bitwise equal step by
         step. On CPU locallearn's runs are that already; across thread counts they are not (see README).
@@ -113,6 +116,7 @@ class TrainConfig:
     resume: str | None = None
     stop_on_sigusr1: bool = True
     nonfinite: str = "stop"
+    compile: str = "off"
     deterministic: bool = False
     out: str | None = None
     overwrite: bool = False
@@ -305,6 +309,7 @@ _CHOICES = {
     "train.mixup_mode": MIXUP_MODES,
     "train.checkpointing": ("none", "stage", "aux", "stage+aux"),
     "train.nonfinite": ("stop", "skip", "off"),
+    "train.compile": COMPILE_MODES,
     "train.tensorboard": TENSORBOARD,
     "optim.schedule": SCHEDULES,
     "optim.schedule_unit": ("step", "epoch"),

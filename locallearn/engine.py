@@ -48,6 +48,8 @@ class LocalLearner(Protocol):
 
     def learns(self, k: int) -> bool: ...
 
+    def forward_loss(self, k: int, h: Tensor, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]: ...
+
     def backward(self, k: int, loss: Tensor) -> None: ...
 
     def step_block(self, k: int, loss: Tensor | None = None, stats: dict[str, Tensor] | None = None) -> Any: ...
@@ -99,8 +101,7 @@ def train_blocks(
         if before_block is not None:
             before_block(k)
         with learner.autocast():
-            out = learner.blocks[k](h)
-            loss, logits = learner.method.local_loss(k, out, batch)
+            out, loss, logits = learner.forward_loss(k, h, batch)  # block k and its local loss (compiled or not)
         learner.backward(k, loss)  # frees block k's graph: the memory saving of local learning happens here
         stats[f"loss/{k}"] = loss.detach()
         if learner.step_order == "per_block":

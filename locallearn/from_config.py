@@ -40,6 +40,7 @@ def build_learner(
         channels_last=cfg.train.channels_last,
         checkpointing=cfg.train.checkpointing,
         nonfinite=cfg.train.nonfinite,
+        compile=cfg.train.compile,
         check_every=cfg.train.log_every,  # the guard is read with the logged metrics: no host read in a step
         label_smoothing=cfg.train.label_smoothing,
         mixing=build_mixer(cfg, info.num_classes),

@@ -15,6 +15,7 @@ Every bit of training state (backbone, auxiliary nets, EMA copies, optimizer mom
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import replace
@@ -26,6 +27,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from locallearn import engine, recompute
 from locallearn.assembly import setup_info
+from locallearn.compiled import CompiledBlocks
 from locallearn.data import Batch, as_batch
 from locallearn.early_exit import EarlyExit
 from locallearn.errors import CheckpointError, UserError
@@ -36,7 +38,7 @@ from locallearn.metrics import RunningMeans
 from locallearn.models import LayeredModel, as_layered, describe_split, resolve_split, split_model
 from locallearn.nonfinite import NonFiniteGuard, OptimizerSnapshot
 from locallearn.optim import OptimConfig, build_optimizer, check_optim, lr_at, no_weight_decay_ids, set_lr
-from locallearn.options import AMP, CHECKPOINTING, NONFINITE, STEP_ORDERS
+from locallearn.options import AMP, CHECKPOINTING, COMPILE_MODES, NONFINITE, STEP_ORDERS
 
 
 class CheckpointedSequential(nn.Module):
@@ -136,6 +138,9 @@ class LocalLearner:
             N steps ("stop" then raises at that read, naming the first non-finite step; "skip" still skips exactly);
             0, on the device, read only when asked (``check_nonfinite()``, ``skipped_steps``, ``state_dict()``). A run
             passes its ``--log-every``.
+        compile: "off", or a ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): each block's
+            forward and local loss compiled as one graph of its own (:mod:`locallearn.compiled`); the first step
+            compiles (``compile_seconds``), a batch of another size than the first runs eagerly.
     """
 
     def __init__(
@@ -159,7 +164,10 @@ class LocalLearner:
         check_every: int = 1,
         label_smoothing: float = 0.0,
         mixing: Callable[[Batch, int], Batch] | None = None,
+        compile: str = "off",
     ) -> None:
+        if compile not in COMPILE_MODES:
+            raise UserError(f"unknown compile mode {compile!r}: use one of {', '.join(COMPILE_MODES)}")
         if step_order not in STEP_ORDERS:
             raise UserError(f"unknown step_order {step_order!r}: use one of {', '.join(STEP_ORDERS)}")
         if checkpointing not in CHECKPOINTING:
@@ -187,6 +195,10 @@ class LocalLearner:
         if mixing is not None and (why := self.method.soft_target_refusal()):
             raise UserError(why)
         self.mixing = mixing
+        if compile != "off" and (why := self.method.compile_refusal()):
+            raise UserError(why)
+        self.compile = compile
+        self.compiled: CompiledBlocks | None = None  # made by build() when compile is not "off"
         if K is None and self.method.name == "e2e":
             K = 1
         self.K, self.split, self.method_options, self.checkpointing = K, split, method_options, checkpointing
@@ -295,6 +307,8 @@ class LocalLearner:
         if self.amp == "fp16":
             self.scalers = [torch.amp.GradScaler(self.device.type) for _ in self.blocks]
         self.guard = NonFiniteGuard(self.nonfinite, self.check_every, len(self.blocks), self.device)
+        if self.compile != "off":
+            self.compiled = CompiledBlocks(self.blocks, self.method, self.compile)
         self._check_param_ownership()
 
     # -- construction helpers ------------------------------------------------------------------------------------
@@ -397,7 +411,13 @@ class LocalLearner:
         for k, block in enumerate(self.blocks):
             if not self.learns(k):
                 block.eval()  # a block that does not learn in this phase keeps its BatchNorm statistics too
+        compiling = self.compiled is not None and self.compiled.compiles(h.shape[0])
+        start = time.perf_counter()
         stats, out = engine.train_blocks(self, batch, h, blocks, before_block, after_step)
+        if compiling:  # the step that compiled every block: reported apart from the training throughput
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compiled.seconds = time.perf_counter() - start
         self.step += 1
         if self.check_every > 1 and self.step % self.check_every == 0:
             self.check_nonfinite()  # the one host read of the guard's records in check_every steps
@@ -419,6 +439,19 @@ class LocalLearner:
                 "un-normalised images scaled to [0, 1] (or no target: x mapped onto [0, 1] is used)"
             )
         return target
+
+    def forward_loss(self, k: int, h: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Block k's forward on ``h`` and its local loss: ``(out, loss, logits)``; compiled when the learner is."""
+        if self.compiled is not None:
+            return self.compiled(k, h, batch)
+        out = self.blocks[k](h)
+        loss, logits = self.method.local_loss(k, out, batch)
+        return out, loss, logits
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time of the step that compiled the blocks (0 when not compiled, or before the first step)."""
+        return self.compiled.seconds if self.compiled is not None else 0.0
 
     def backward(self, k: int, loss: Tensor) -> None:
         """Block k's backward pass (its loss scaled by its own ``GradScaler`` under fp16)."""

@@ -31,3 +31,7 @@ NONFINITE = ("stop", "skip", "off")
 TENSORBOARD = ("auto", "on", "off")
 """TensorBoard event files (``--tensorboard``, :mod:`locallearn.tensorboard_log`): "auto" writes them when the
 ``tensorboard`` package imports, "on" requires it, "off" never writes them."""
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+"""``--train.compile``: no compilation, or the ``torch.compile`` mode of every block's graph
+(:mod:`locallearn.compiled`)."""

@@ -56,8 +56,14 @@ def _contexts(modules: tuple[nn.Module, ...]) -> tuple[contextlib.AbstractContex
 def checkpoint(fn: Callable[..., Any], *args: Any, modules: Iterable[nn.Module]) -> Any:
     """``fn(*args)``, its activations recomputed in backward instead of stored (non-reentrant
     ``torch.utils.checkpoint``); ``modules`` are those ``fn`` runs, whose BatchNorm statistics the recomputation must
-    not move. Without autograd recording (evaluation, ``no_grad``) it simply calls ``fn``."""
+    not move. Without autograd recording (evaluation, ``no_grad``) it simply calls ``fn``.
+
+    In a compiled block (:mod:`locallearn.compiled`) the checkpoint is traced into the block's graph as it is, with no
+    context of ours: AOTAutograd recomputes the segment's pure operations in the backward graph, while buffer updates
+    (BatchNorm statistics) stay in the forward graph, once. Same state as eager, tested."""
     if not torch.is_grad_enabled():
         return fn(*args)
+    if torch.compiler.is_compiling():
+        return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False)
     context_fn = functools.partial(_contexts, tuple(modules))
     return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)

@@ -468,6 +468,8 @@ def _finish(run: Run, memory: MemoryReport, wall_seconds: float) -> dict[str, An
         "peak_memory_kind": peak_kind,
         **memory.summary(),
         "images_per_second": progress.train_images / max(progress.train_seconds, 1e-9),
+        "compile": cfg.train.compile,
+        "compile_seconds": learner.compile_seconds,  # the step that compiled (this process's; left out above)
         **learner.num_params(),
         "wall_seconds": wall_seconds,
         "device": str(run.device),
@@ -571,11 +573,18 @@ def _train_epoch(
     for done, batch in enumerate(loader, start=1):
         if done > left:
             break
+        compiled_before = learner.compile_seconds
         stats = executor.train_step(batch)
         means.update(stats)
         sinks.train_step(learner, stats)  # TensorBoard: every --log-every steps
         progress.batch += 1
-        progress.epoch_seen += batch.y.numel() * executor.images_factor
+        if learner.compile_seconds != compiled_before:  # the step that compiled the blocks is not training throughput
+            start += learner.compile_seconds - compiled_before
+            if executor.writer:
+                log.info("compiled %d blocks (%s) in %.1f s: the first step, left out of img/s", len(learner.blocks),
+                         cfg.train.compile, learner.compile_seconds)  # fmt: skip
+        else:
+            progress.epoch_seen += batch.y.numel() * executor.images_factor
         bar.update(1)
         if done % 20 == 1 or done == left:
             shown = max(stats, key=lambda key: (key.startswith("loss/"), int(key.split("/")[1])))

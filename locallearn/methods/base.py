@@ -214,6 +214,11 @@ class LocalMethod(nn.Module):
         """One log line for :meth:`report`'s numbers."""
         return " ".join(f"{key}={value:.4g}" for key, value in report.items())
 
+    def compile_refusal(self) -> str | None:
+        """Why this method's blocks cannot be compiled (``torch.compile``, :mod:`locallearn.compiled`), or None. The
+        learner refuses ``compile`` with this reason before anything is built."""
+        return None
+
     def soft_target_refusal(self) -> str | None:
         """Why this method cannot train on soft targets (mixup, cutmix), or None when every loss it has reads them.
         The learner refuses such a run before its first step with this reason."""

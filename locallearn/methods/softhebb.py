@@ -153,6 +153,11 @@ class SoftHebb(LocalMethod):
     config_class = SoftHebbConfig
     any_model = False  # SoftHebb networks only (locallearn.models.softhebb)
 
+    def compile_refusal(self) -> str | None:
+        # Its Hebbian blocks learn through forward hooks (ForwardTaps) and a surrogate loss built under no_grad; a
+        # SoftHebb layer is one conv, where a compiled graph has little to fuse.
+        return "softhebb's blocks are not compiled (Hebbian updates read forward hooks): use --train.compile off"
+
     def setup(self, info: SetupInfo) -> None:
         cfg = self.config
         for name, value, choices in (
