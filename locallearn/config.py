@@ -137,6 +137,9 @@ class DistConfig:
     staleness: pipeline, MAN/MAN++: steps by which block k's EMA copy may lag block k+1's first layer when that
         layer is on the next stage (0: exactly the sequential result; 1+: the stage never waits for the next one).
     sync_bn: data-parallel: BatchNorm statistics over the global batch (torch's SyncBatchNorm; CUDA only).
+    overlap: data-parallel: start block k's gradient average right after its backward and step block k after
+        block k+1's backward, so the exchange runs behind that work (the same weights, bit for bit); False waits for
+        each block's average right after its backward.
     timeout_s: seconds any collective or message may wait before the process stops with an error (a dead rank).
     """
 
@@ -144,6 +147,7 @@ class DistConfig:
     stages: list[int] | None = None
     staleness: int = 0
     sync_bn: bool = False
+    overlap: bool = True
     timeout_s: float = 300.0
 
 

@@ -15,6 +15,12 @@ Step order (``step_order``):
   It holds every block's gradients at once (more memory) and gives the same weights as ``"per_block"`` for every
   method, MAN included: block k's EMA update reads block k+1's layer in the same state under both orders (before
   block k+1's step with ``ema_timing="before_next_step"``, right after it with ``"after_next_step"``), tested.
+
+Under data parallelism with overlap (``learner.grad_sync_start``, :mod:`locallearn.distributed.data_parallel`),
+``"per_block"`` starts block k's gradient average right after its backward and steps block k right after block
+k+1's backward instead, so the exchange runs behind block k+1's forward and backward. The same weights, bit for
+bit, by the argument above: block k+1's input was detached before block k's step, and block k steps before block
+k+1 does. Two blocks' gradients exist at a time instead of one.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class LocalLearner(Protocol):
     model: nn.Module
     device: torch.device
     step_order: str
+    optimizers: Sequence[torch.optim.Optimizer]
+    grad_sync_start: Callable[[int, torch.optim.Optimizer, Tensor | None], None] | None
 
     def autocast(self) -> ContextManager: ...
 
@@ -91,6 +99,8 @@ def train_blocks(
             after_step(k)
 
     learning = [k for k in blocks if learner.learns(k)]  # a method's phase may train only some blocks
+    start_sync = learner.grad_sync_start if learner.step_order == "per_block" else None
+    deferred: int | None = None  # a block whose gradient exchange is in flight: it steps after the next backward
     for k in blocks:
         if not learning or k > learning[-1]:
             break  # nothing after the last learning block needs to run
@@ -104,11 +114,18 @@ def train_blocks(
             out, loss, logits = learner.forward_loss(k, h, batch)  # block k and its local loss (compiled or not)
         learner.backward(k, loss)  # frees block k's graph: the memory saving of local learning happens here
         stats[f"loss/{k}"] = loss.detach()
-        if learner.step_order == "per_block":
+        if start_sync is not None:  # data parallel: block k's exchange runs behind block k+1's forward and backward
+            start_sync(k, learner.optimizers[k], stats[f"loss/{k}"])
+            if deferred is not None:
+                step(deferred)
+            deferred = k
+        elif learner.step_order == "per_block":
             step(k)
         if logits is not None:
             stats[f"acc/{k}"] = (logits.detach().argmax(1) == batch.y).float().mean()
         h = out.detach()  # the gradient boundary
+    if deferred is not None:
+        step(deferred)
     if learner.step_order == "after_all":
         for k in learning:
             step(k)

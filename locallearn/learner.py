@@ -214,6 +214,9 @@ class LocalLearner:
         # Set by locallearn.distributed: averages block k's gradients (and loss) across processes before its step;
         # `where` names the process in error messages (" on rank 1").
         self.grad_sync: Callable[[int, torch.optim.Optimizer, Tensor | None], Tensor | None] | None = None
+        # Set with grad_sync when the exchange can run behind later work: starts block k's average without waiting;
+        # the engine then steps block k after block k+1's backward, and grad_sync waits for it (engine.train_blocks).
+        self.grad_sync_start: Callable[[int, torch.optim.Optimizer, Tensor | None], None] | None = None
         self.where = ""
         self.eval_reduce: Callable[[Tensor], None] | None = None  # sums evaluation counts across processes
         self.phase: Phase | None = None  # the method's phase in progress (None: every block learns)

@@ -212,7 +212,7 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
     if mode == "data":
         if cfg.dist.sync_bn:
             convert_sync_batchnorm(learner, learner.device)
-        return runtime.DataParallelRun(learner, ctx)
+        return runtime.DataParallelRun(learner, ctx, overlap=cfg.dist.overlap)
     if learner.method.phases(cfg.train.epochs) is not None:
         raise UserError(
             f"--parallel pipeline does not run {learner.method.name}'s phases (a stage would idle while another "

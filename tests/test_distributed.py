@@ -133,10 +133,12 @@ def sequential(tmp_path_factory):
 
 def test_data_parallel_ranks_hold_identical_weights_and_resume_exactly(tmp_path):
     """Every rank ends with the same backbone and auxiliary nets (MAN's EMA copies included); a SIGTERM to every
-    process stops both ranks at one step, and the resumed run ends on the uninterrupted run's weights."""
+    process stops both ranks at one step, and the resumed run ends on the uninterrupted run's weights. The
+    preempted run waits for each block's gradient average (--dist.overlap=false), the whole one overlaps it with
+    the next block's work (the default): the same weights, bit for bit."""
     args = ("--method", "dgl+man", "--checkpoint-every", "2")
     out = tmp_path / "preempted"
-    proc = _start(out, *args)
+    proc = _start(out, *args, "--dist.overlap=false")
     whole = _start(tmp_path / "dp", *args)  # side by side: one thread per process, results do not depend on load
     _wait_for(out / "checkpoints" / "step-000000002.json", proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -151,7 +153,7 @@ def test_data_parallel_ranks_hold_identical_weights_and_resume_exactly(tmp_path)
     assert len(set(summary["rank_method_fingerprints"])) == 1
     assert summary["steps"] == 6  # --batch-size is global: 192 examples / 32, as one process
     assert 0.0 <= summary["test_accuracy"] <= 1.0
-    resumed = _run(DIRECT, out, *args, "--resume", "auto")
+    resumed = _run(DIRECT, out, *args, "--dist.overlap=false", "--resume", "auto")
     assert resumed["resumed_from"] is not None
     assert resumed["fingerprint"] == summary["fingerprint"]
     assert resumed["rank_method_fingerprints"] == summary["rank_method_fingerprints"]

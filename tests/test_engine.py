@@ -124,6 +124,30 @@ def test_per_block_and_after_all_step_orders_agree(method, options):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("method", ["dgl", "infopro+man"])
+def test_a_gradient_exchange_in_flight_defers_its_blocks_step_past_the_next_backward(method):
+    """Data parallelism with overlap (issue 30 item 4), with a stand-in exchange: block k's average starts right
+    after its backward and block k steps after block k+1's backward, on the same weights as stepping at once (MAN's
+    EMA copies included)."""
+    batches = make_batches(2)
+    plain = make_learner(method, k=3)
+    overlapped = make_learner(method, k=3)
+    events = []
+    original_backward = overlapped.backward
+    overlapped.backward = lambda k, loss: (events.append(f"backward {k}"), original_backward(k, loss))[1]
+    overlapped.grad_sync_start = lambda k, opt, loss: events.append(f"start {k}")
+    overlapped.grad_sync = lambda k, opt, loss: (events.append(f"wait {k}"), loss)[1]
+    for batch in batches:
+        plain.train_step(batch)
+        overlapped.train_step(batch)
+    assert events[:9] == ["backward 0", "start 0", "backward 1", "start 1", "wait 0", "backward 2", "start 2",
+                          "wait 1", "wait 2"]  # fmt: skip
+    for x, y in zip(plain.model.state_dict().values(), overlapped.model.state_dict().values()):
+        assert torch.equal(x, y)
+    for x, y in zip(plain.method.state_dict().values(), overlapped.method.state_dict().values()):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 96, 96)])
 @pytest.mark.parametrize("method", LOCAL_METHODS)
 def test_heads_are_built_from_probed_shapes(shape, method):

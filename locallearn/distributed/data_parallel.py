@@ -59,6 +59,28 @@ def _flat_reduce(tensors: list[Tensor], world: int) -> None:
     _flat_collective(tensors, dist.all_reduce, divide=world)
 
 
+class _InFlight:
+    """One block's gradient average in flight: the flat buffers (one per dtype) and their ``all_reduce`` works,
+    started asynchronously; :meth:`finish` waits, divides and copies the averages back in place."""
+
+    def __init__(self, tensors: list[Tensor], world: int) -> None:
+        by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+        for t in tensors:
+            by_dtype[t.dtype].append(t)
+        self.world = world
+        self.groups = [(group, torch.cat([t.reshape(-1) for t in group])) for group in by_dtype.values()]
+        self.works = [dist.all_reduce(flat, async_op=True) for _, flat in self.groups]
+
+    def finish(self) -> None:
+        for work, (group, flat) in zip(self.works, self.groups):
+            work.wait()
+            flat.div_(self.world)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+
+
 def _flat_broadcast(tensors: list[Tensor], src: int = 0) -> None:
     """``tensors`` of rank ``src`` on every rank, in place."""
     _flat_collective(tensors, lambda flat: dist.broadcast(flat, src=src))
@@ -92,11 +114,13 @@ class DataParallel:
             dp.train_step(x, y)
     """
 
-    def __init__(self, learner: Any, ctx: DistContext) -> None:
+    def __init__(self, learner: Any, ctx: DistContext, overlap: bool = True) -> None:
         if not learner.built:
             raise UserError("DataParallel needs a built learner: pass input_shape=(C, H, W) to LocalLearner")
         self.learner, self.ctx = learner, ctx
+        self.in_flight: dict[int, tuple[_InFlight, Tensor | None]] = {}
         learner.grad_sync = self.sync_gradients
+        learner.grad_sync_start = self.start_gradients if overlap else None
         learner.eval_reduce = self.sum_counts
         learner.where = f" on rank {ctx.rank}"
         self.broadcast_state()
@@ -118,16 +142,34 @@ class DataParallel:
         """Rank 0's parameters and buffers on every rank."""
         _flat_broadcast(self._state_tensors())
 
+    @staticmethod
+    def _message(optimizer: torch.optim.Optimizer, loss: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        extra = None if loss is None else loss.detach().float().reshape(1).clone()
+        return grads + ([] if extra is None else [extra]), extra
+
+    @torch.no_grad()
+    def start_gradients(self, k: int, optimizer: torch.optim.Optimizer, loss: Tensor | None) -> None:
+        """Start averaging block k's gradients (and loss) without waiting: the engine calls this right after block
+        k's backward and steps block k only after block k+1's backward, so the exchange runs behind that work
+        (:func:`locallearn.engine.train_blocks`); :meth:`sync_gradients` then waits for it."""
+        tensors, extra = self._message(optimizer, loss)
+        self.in_flight[k] = (_InFlight(tensors, self.ctx.world), extra)
+
     @torch.no_grad()
     def sync_gradients(self, k: int, optimizer: torch.optim.Optimizer, loss: Tensor | None) -> Tensor | None:
-        """Average block k's gradients (and its loss) over the ranks, in place; returns the averaged loss.
+        """Average block k's gradients (and its loss) over the ranks, in place; returns the averaged loss. Waits for
+        the exchange :meth:`start_gradients` began, or makes it now (blocking).
 
         Every rank must hold gradients for the same parameters (the same model on the same code path does); a
         parameter without a gradient on every rank is left without one."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        extra = [] if loss is None else [loss.detach().float().reshape(1).clone()]
-        _flat_reduce(grads + extra, self.ctx.world)
-        return extra[0].reshape(()) if extra else None
+        if k in self.in_flight:
+            exchange, extra = self.in_flight.pop(k)
+            exchange.finish()
+        else:
+            tensors, extra = self._message(optimizer, loss)
+            _flat_reduce(tensors, self.ctx.world)
+        return extra.reshape(()) if extra is not None else None
 
     @torch.no_grad()
     def sync_buffers(self) -> None:

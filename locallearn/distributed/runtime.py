@@ -64,10 +64,10 @@ class DataParallelRun(Sequential):
 
     mode = "data"
 
-    def __init__(self, learner: Any, ctx: DistContext) -> None:
+    def __init__(self, learner: Any, ctx: DistContext, overlap: bool = True) -> None:
         super().__init__(learner)
         self.ctx = ctx
-        self.dp = DataParallel(learner, ctx)
+        self.dp = DataParallel(learner, ctx, overlap=overlap)
         self.writer = ctx.is_writer
         self.images_factor = ctx.world
 
