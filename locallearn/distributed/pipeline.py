@@ -51,7 +51,7 @@ from locallearn.rng import rng_state, set_rng_state
 TRAIN, EVAL, EVAL_END, GATHER, STOP = 1, 2, 3, 4, 5
 HEADER = 14  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5, soft classes (0: none), soft dtype]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT, TAG_SOFT = 1, 2, 3, 4, 5, 6
+TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT, TAG_SOFT, TAG_COMPILED = 1, 2, 3, 4, 5, 6, 7
 MAX_IN_FLIGHT = 2  # micro-batches a stage may run ahead of the next one (bounds the memory of unsent outputs)
 
 
@@ -288,9 +288,26 @@ class PipelineStage:
             self._send_snapshot()
 
     def _train(self, batch: Batch, h: Tensor) -> dict[str, Tensor]:
+        compiled = self.learner.compiled
+        compiling = compiled is not None and compiled.compiles(h.shape[0])
         stats, out = self.learner.train_blocks(batch, h, self.blocks, self._before_block, self._after_step)
         self._send(TRAIN, self.learner.step, out, batch.y, batch.raw if self._needs_raw else None, batch.soft)
+        if compiling:
+            self._compiled_handshake()
         return stats
+
+    def _compiled_handshake(self) -> None:
+        """After the step that compiled my blocks: wait until every later stage has compiled its own (each says so
+        upstream once its first step and its successors' are done), and count that wait as compile time. Without it
+        stage 0, which times the run, would count the later stages' compiling as training time (back-pressure holds
+        it after two micro-batches)."""
+        start = time.perf_counter()
+        if self.stage < self.stages - 1:
+            done = torch.zeros(1, device=self._wire_device)
+            dist.recv(done, self.next, tag=TAG_COMPILED)
+        if self.stage > 0:
+            dist.send(torch.ones(1, device=self._wire_device), self.prev, tag=TAG_COMPILED)
+        self.learner.compiled.seconds += time.perf_counter() - start
 
     @property
     def _needs_raw(self) -> bool:
