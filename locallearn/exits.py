@@ -10,7 +10,7 @@ heads evaluated on the way, each block's and head's cost counted once with
 multiply-add). The chosen τ spends the fewest MACs while the accuracy it loses against the full network stays within
 ``max_drop`` points with the given ``confidence``: the held-out drop is paired (the same images through both), and its
 one-sided upper confidence bound, not the drop itself, must fit (:func:`replay`). With 5,000 held-out images the bound
-sat 0.27–0.29 points above the drop for the chosen τ in docs/benchmarks/early-exit.md; ``--confidence 0.5`` takes the
+sat 0.16–0.36 points above the drop for the chosen τ in docs/benchmarks/early-exit.md; ``--confidence 0.5`` takes the
 drop as it is. Its accuracy and MACs on the test set come next, with CPU latency at batch 1 and 256 beside the full
 network's (median over repeats timed by ``torch.utils.benchmark``, inference mode). The result is written next to the
 checkpoint as ``exits.json``.
