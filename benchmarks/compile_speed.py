@@ -1,0 +1,70 @@
+"""Benchmark: compiled against eager blocks in one process, timed alternately (issue 30 item 1).
+
+Run-to-run throughput on a shared VM drifts by tens of percent between processes started minutes apart
+(docs/benchmarks/speed.md), more than the effect measured here. So one process builds two learners from the same
+seed — eager and ``compile="default"`` — compiles the second (its first step, timed apart), warms both, and then
+times blocks of ``--steps`` training steps of each in turn, ``--repeats`` times, on the same batch. Reported: the
+median images per second of each, and the ratio of medians, with every block's figure beside it.
+
+    OMP_NUM_THREADS=2 python benchmarks/compile_speed.py --method dgl --K 4 --arch resnet32 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from locallearn import LocalLearner, create_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="dgl")
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--arch", default="resnet32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks of each learner, alternating")
+    p.add_argument("--mode", default="default", help="torch.compile mode")
+    args = p.parse_args()
+
+    shape = (3, args.image_size, args.image_size)
+    data = torch.Generator().manual_seed(1)
+    x = torch.rand(args.batch_size, *shape, generator=data)
+    y = torch.randint(0, 10, (args.batch_size,), generator=data)
+    learners = {}
+    for name, mode in (("eager", "off"), ("compiled", args.mode)):
+        torch.manual_seed(0)
+        # channels-last and the guard decided on the device, as in a run
+        model = create_model(args.arch)
+        learners[name] = LocalLearner(model, args.method, args.K, input_shape=shape, compile=mode, channels_last=True,
+                                      check_every=0)  # fmt: skip
+    start = time.perf_counter()
+    learners["compiled"].train_step(x, y)
+    first_step = time.perf_counter() - start
+    for learner in learners.values():  # warm: allocator, oneDNN primitives
+        for _ in range(2):
+            learner.train_step(x, y)
+    rates: dict[str, list[float]] = {name: [] for name in learners}
+    for _ in range(args.repeats):
+        for name, learner in learners.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                learner.train_step(x, y)
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    eager, compiled = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
+    print(json.dumps({
+        "method": args.method, "K": args.K, "arch": args.arch, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(), "mode": args.mode, "first_compiled_step_seconds": first_step,
+        "images_per_second": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+        "median_eager": eager, "median_compiled": compiled, "speedup": compiled / eager,
+    }, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
