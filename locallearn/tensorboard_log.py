@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,22 @@ class NullLog(Sink):
     enabled = False
 
 
+def _after_existing_files(logdir: Path) -> None:
+    """Wait (at most about a second) until a new event file's name sorts after every file already in ``logdir``.
+
+    TensorBoard reads a directory's event files in name order, and a resumed run's purge of the steps after its
+    checkpoint applies to what was read before it. The name starts with the creation time in whole seconds, then the
+    host, the process id and a per-process counter: a run resumed in the same process within the same second (the
+    Python API) could sort before the file it must purge ("…10" < "…9")."""
+    newest = 0
+    for f in logdir.glob("events.out.tfevents.*"):
+        parts = f.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            newest = max(newest, int(parts[3]))
+    while newest and int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
 class TensorBoardLog(NullLog):
     """Writes the scalars listed in the module docstring through ``torch.utils.tensorboard.SummaryWriter``."""
 
@@ -110,6 +127,8 @@ class TensorBoardLog(NullLog):
 
         self.logdir = Path(logdir)
         self.every = log_every
+        if purge_step is not None:
+            _after_existing_files(self.logdir)
         self.writer = SummaryWriter(str(self.logdir), purge_step=purge_step)
         self.closed = False
 

@@ -7,6 +7,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -182,3 +183,15 @@ def test_log_every_spacing_and_method_report_scalars(tmp_path):
     assert scalars["method/hebb1/norm_mean"] == [(7, 1.5)] and scalars["method/hebb1/converged"] == [(7, 3.0)]
     assert scalars["memory/peak_mib"] == [(7, 2.0)] and scalars["block1/test_accuracy"] == [(7, 0.25)]
     assert "block0/test_accuracy" not in scalars and not any("note" in tag for tag in scalars)
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_files_it_purges(tmp_path):
+    """TensorBoard reads event files in name order (creation second, host, pid, per-process counter): a run resumed
+    in the same process within the same second could be named "…10" beside "…9" and read first, so its purge of
+    the crashed steps would come before them (seen in a fresh-clone suite run)."""
+    old = tmp_path / f"events.out.tfevents.{int(time.time())}.host.1.9"
+    old.write_bytes(b"")
+    log = tensorboard_log.TensorBoardLog(tmp_path, 1, purge_step=0)
+    log.writer.close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and names[0] == old.name
