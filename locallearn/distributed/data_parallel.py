@@ -36,22 +36,30 @@ from locallearn.distributed.context import DistContext
 from locallearn.errors import UserError
 
 
-def _flat_collective(tensors: list[Tensor], collective, divide: int = 1) -> None:
-    """Run ``collective`` (an in-place ``dist`` call on one tensor) over ``tensors`` flattened, one call per dtype,
-    then divide by ``divide`` and copy the results back in place."""
+def _flatten(tensors: list[Tensor]) -> list[tuple[list[Tensor], Tensor]]:
+    """``tensors`` grouped by dtype, each group with one flat copy (the bucket a collective sends)."""
     by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
     for t in tensors:
         by_dtype[t.dtype].append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
+    return [(group, torch.cat([t.reshape(-1) for t in group])) for group in by_dtype.values()]
+
+
+def _unflatten(group: list[Tensor], flat: Tensor) -> None:
+    """Copy ``flat`` back into the tensors of ``group``, in place."""
+    offset = 0
+    for t in group:
+        t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+
+
+def _flat_collective(tensors: list[Tensor], collective, divide: int = 1) -> None:
+    """Run ``collective`` (an in-place ``dist`` call on one tensor) over ``tensors`` flattened, one call per dtype,
+    then divide by ``divide`` and copy the results back in place."""
+    for group, flat in _flatten(tensors):
         collective(flat)
         if divide != 1:
             flat.div_(divide)
-        offset = 0
-        for t in group:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view(t.shape))
-            offset += n
+        _unflatten(group, flat)
 
 
 def _flat_reduce(tensors: list[Tensor], world: int) -> None:
@@ -64,21 +72,15 @@ class _InFlight:
     started asynchronously; :meth:`finish` waits, divides and copies the averages back in place."""
 
     def __init__(self, tensors: list[Tensor], world: int) -> None:
-        by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-        for t in tensors:
-            by_dtype[t.dtype].append(t)
         self.world = world
-        self.groups = [(group, torch.cat([t.reshape(-1) for t in group])) for group in by_dtype.values()]
+        self.groups = _flatten(tensors)
         self.works = [dist.all_reduce(flat, async_op=True) for _, flat in self.groups]
 
     def finish(self) -> None:
         for work, (group, flat) in zip(self.works, self.groups):
             work.wait()
             flat.div_(self.world)
-            offset = 0
-            for t in group:
-                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
-                offset += t.numel()
+            _unflatten(group, flat)
 
 
 def _flat_broadcast(tensors: list[Tensor], src: int = 0) -> None:
