@@ -288,11 +288,10 @@ class PipelineStage:
             self._send_snapshot()
 
     def _train(self, batch: Batch, h: Tensor) -> dict[str, Tensor]:
-        compiled = self.learner.compiled
-        compiling = compiled is not None and compiled.compiles(h.shape[0])
+        compiled_before = self.learner.compile_seconds
         stats, out = self.learner.train_blocks(batch, h, self.blocks, self._before_block, self._after_step)
         self._send(TRAIN, self.learner.step, out, batch.y, batch.raw if self._needs_raw else None, batch.soft)
-        if compiling:
+        if self.learner.compile_seconds != compiled_before:  # this step compiled my blocks
             self._compiled_handshake()
         return stats
 
