@@ -4,7 +4,8 @@ Every arm uses the same cores and the same number of threads in total (``--cores
 threads, or one process per core with one thread each. Arms, in this order within a round, rounds alternating:
 
 * ``E2E 1×N``: end-to-end backprop, ``locallearn train --method e2e``, one process, N threads;
-* ``E2E DP N×1``: end-to-end, data-parallel under torchrun (``--parallel data``), N processes;
+* ``E2E DP N×1``: end-to-end, data-parallel under torchrun (``--parallel data``), N processes; with ``--compiled``
+  both E2E arms also with ``--train.compile=default`` (the whole network and its loss one graph);
 * ``E2E 1F1B/GPipe N×1 mM``: end-to-end through ``torch.distributed.pipelining`` (``benchmarks/e2e_pipeline.py``),
   the same N stages as the pipelined local-learning arms, M micro-batches;
 * for each method (DGL, DGL+MAN, InfoPro+MAN at K=4): sequential ``1×N``, data-parallel ``DP N×1``, pipelined
@@ -55,14 +56,28 @@ def arms(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str]]
     train = [sys.executable, "-m", "locallearn", "train", *common(args)]
     stages = [str(s) for s in args.stages]
     dist_stages = f"--dist.stages=[{','.join(stages)}]"
-    out = [
-        (f"E2E 1×{n}", [*train, "--method", "e2e"], one),
-        (
-            f"E2E DP {n}×1",
-            [*torchrun, "-m", "locallearn", "train", *common(args), "--method", "e2e", "--parallel", "data"],
-            each,
-        ),  # fmt: skip
-    ]
+    out = []
+    for compiled in (False, True) if args.compiled else (False,):  # E2E compiled too: the fair baseline of compiled
+        extra, tag = (["--train.compile=default"], " compiled") if compiled else ([], "")
+        out += [
+            (f"E2E 1×{n}{tag}", [*train, "--method", "e2e", *extra], one),
+            (
+                f"E2E DP {n}×1{tag}",
+                [
+                    *torchrun,
+                    "-m",
+                    "locallearn",
+                    "train",
+                    *common(args),
+                    "--method",
+                    "e2e",
+                    *extra,
+                    "--parallel",
+                    "data",
+                ],
+                each,
+            ),  # fmt: skip
+        ]
     for schedule, label in (("1f1b", "1F1B"), ("gpipe", "GPipe")):
         for m in args.microbatches:
             cmd = [*torchrun, str(HERE / "e2e_pipeline.py"), "--schedule", schedule, "--microbatches", str(m),

@@ -52,6 +52,7 @@ TRAIN_FLAGS = {
     "log_every": "train.log_every",
     "parallel": "dist.parallel",
     "staleness": "dist.staleness",
+    "replicas": "dist.replicas",
 }
 
 
@@ -153,6 +154,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # long by nature: o
         "--parallel",
         choices=["auto", "none", "data", "pipeline"],
         help="under torchrun: data (default) or pipeline (one stage of blocks per process); see docs/distributed.md",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        help="pipeline: R data-parallel copies of the pipeline, a grid of (processes / R) stages x R (default 1)",
     )
     p.add_argument(
         "--staleness",

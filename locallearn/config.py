@@ -134,6 +134,9 @@ class DistConfig:
         contiguous stage per process, all stages working at once).
     stages: pipeline: the first block of stages 1 .. S-1 (e.g. [2] for K=4 on 2 processes); None balances the
         stages by the measured time per block.
+    replicas: pipeline: R data-parallel copies of the pipeline, a 2-D grid of S stages x R replicas on S*R processes
+        (rank = replica * S + stage); each replica trains on its shard of every batch and the replicas of a stage
+        average their gradients. 1: one pipeline.
     staleness: pipeline, MAN/MAN++: steps by which block k's EMA copy may lag block k+1's first layer when that
         layer is on the next stage (0: exactly the sequential result; 1+: the stage never waits for the next one).
     sync_bn: data-parallel: BatchNorm statistics over the global batch (torch's SyncBatchNorm; CUDA only).
@@ -145,6 +148,7 @@ class DistConfig:
 
     parallel: str = "auto"
     stages: list[int] | None = None
+    replicas: int = 1
     staleness: int = 0
     sync_bn: bool = False
     overlap: bool = True
@@ -304,7 +308,7 @@ def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
 _POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.K", "train.max_steps",
              "data.limit_train", "data.limit_test", "data.image_size", "data.in_channels", "data.num_classes",
              "data.synthetic_train_size", "data.synthetic_test_size", "data.crop_size", "data.pad_to",
-             "data.channels", "train.malloc_mmap_threshold")  # fmt: skip
+             "data.channels", "train.malloc_mmap_threshold", "dist.replicas")  # fmt: skip
 _NON_NEGATIVE = ("train.seed", "train.checkpoint_every", "data.workers", "dist.staleness", "optim.weight_decay",
                  "optim.warmup_epochs", "train.log_every", "train.mixup", "train.cutmix")  # fmt: skip
 _CHOICES = {

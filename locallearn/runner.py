@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -29,7 +30,7 @@ from locallearn.data import build_data
 from locallearn.distributed import runtime
 from locallearn.distributed.context import broadcast_object, init_from_env, launched, quiet_unless_writer
 from locallearn.distributed.data_parallel import convert_sync_batchnorm
-from locallearn.distributed.pipeline import balance, measure_block_seconds
+from locallearn.distributed.pipeline import balance, grid_position, measure_block_seconds
 from locallearn.distributed.runtime import barrier
 from locallearn.durable import CheckpointStore, atomic_write, check_keep, resolve_resume
 from locallearn.errors import CheckpointError, PeerFailed, Preempted, UserError
@@ -171,8 +172,6 @@ def use_deterministic_kernels() -> None:
     """Only deterministic kernels from here on: ``torch.use_deterministic_algorithms`` (an operation without a
     deterministic implementation warns, naming itself), cuDNN without benchmark autotuning, and cuBLAS's fixed
     workspace (the variable must be set before CUDA's first matrix product; a run sets it at its start)."""
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -202,6 +201,13 @@ def _parallel_mode(cfg: RunConfig) -> str:
             f"--dist.parallel {mode} needs several processes: launch with `torchrun --nproc-per-node N -m locallearn "
             "train ...` (N >= 2)"
         )
+    if cfg.dist.replicas != 1 and mode != "pipeline":
+        raise UserError(
+            f"--dist.replicas {cfg.dist.replicas} is for --parallel pipeline (a grid of stages x replicas); data "
+            "parallelism already makes every process a replica: leave --dist.replicas at 1"
+        )
+    if mode == "pipeline":
+        grid_position(0, int(os.environ["WORLD_SIZE"]), cfg.dist.replicas)  # a grid that fits: checked before any work
     return mode
 
 
@@ -227,15 +233,16 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
     if starts is None:
         if ctx.is_writer:  # time each block on the first batch (state restored after), then split by time
             seconds = measure_block_seconds(learner, next(iter(train_loader)))
-            starts = balance(seconds, ctx.world)
+            stages = ctx.world // cfg.dist.replicas
+            starts = balance(seconds, stages)
             log.info(
                 "pipeline: %d stages %s by measured seconds per block [%s]",
-                ctx.world,
+                stages,
                 [0, *starts],
                 " ".join(f"{t * 1e3:.1f}ms" for t in seconds),
             )
         starts = broadcast_object(starts)
-    return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness)
+    return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness, cfg.dist.replicas, cfg.dist.overlap)
 
 
 @dataclass
@@ -339,6 +346,10 @@ def _data_and_learner(cfg: RunConfig, device: torch.device, mode: str, ctx) -> t
     if mode == "data":
         train_loader.shard(ctx.rank, ctx.world)
         test_loader.shard(ctx.rank, ctx.world)
+    elif mode == "pipeline" and cfg.dist.replicas > 1:  # a grid: each replica's stage 0 reads its shard
+        _, replica, _ = grid_position(ctx.rank, ctx.world, cfg.dist.replicas)
+        train_loader.shard(replica, cfg.dist.replicas)
+        test_loader.shard(replica, cfg.dist.replicas)
     learner = build_learner(cfg, info, device, None, len(train_loader))
     schedule = epoch_schedule(learner, train_loader, cfg)
     total_steps = sum(steps for _, _, _, steps in schedule)
@@ -395,8 +406,8 @@ def _execute(run: Run, memory: MemoryReport) -> bool:
     epochs = len(run.schedule)
     sinks = _sinks(run, epochs)
     try:
-        if run.mode == "pipeline" and not run.writer:
-            signum = executor.serve()  # stages > 0 follow rank 0's commands until it stops them
+        if not executor.drives:
+            signum = executor.serve()  # pipeline stages > 0 follow their stage 0's commands until it stops them
             if signum:
                 raise Preempted(f"{signal.Signals(signum).name} received: stopped with the pipeline", signum)
             return False

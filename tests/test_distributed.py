@@ -1,7 +1,8 @@
 """Scale-out on torch.distributed: data-parallel ranks hold identical weights, pipelined training ends on the
-single-process fingerprint (DGL, and MAN++ with staleness 0), preemption stops every stage and resumes exactly, and a
-stage that dies ends the run within a bounded time. The distributed runs are real ``torchrun`` launches of
-``locallearn train`` with 2 gloo processes on CPU."""
+single-process fingerprint (DGL, and MAN++ with staleness 0), a grid of 2 stages x 2 replicas ends on the
+data-parallel fingerprint, preemption stops every stage and resumes exactly, and a process that dies ends the run
+within a bounded time. The distributed runs are real launches of ``locallearn train`` with 2 or 4 gloo processes on
+CPU (through ``torchrun``, or with the environment it sets)."""
 
 import json
 import os
@@ -15,8 +16,9 @@ import pytest
 
 from locallearn import LocalLearner, create_model
 from locallearn.cli import main
-from locallearn.distributed.pipeline import balance, measure_block_seconds, stage_state_keys
+from locallearn.distributed.pipeline import balance, grid_position, measure_block_seconds, stage_state_keys
 from locallearn.durable import verify
+from locallearn.errors import UserError
 from locallearn.methods import any_model_methods
 from locallearn.metrics import fingerprint
 from tests.conftest import make_batches
@@ -44,10 +46,7 @@ def _run_all(runs: list[tuple[list[str], Path, tuple[str, ...]]]) -> list[dict]:
     for cmd, out, extra in runs:
         argv = [*TRAIN, "--out", str(out), *extra]
         if cmd is DIRECT:
-            port = _free_port()
-            envs = [{**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(port)} for r in range(2)]  # fmt: skip
-            groups.append([_popen([sys.executable, *argv], env) for env in envs])
+            groups.append(_ranks(argv, 2))
         else:
             groups.append([_popen([*cmd, *argv], ENV)])
     summaries = []
@@ -61,6 +60,14 @@ def _run_all(runs: list[tuple[list[str], Path, tuple[str, ...]]]) -> list[dict]:
 
 def _popen(argv: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _ranks(argv: list[str], world: int) -> list[subprocess.Popen]:
+    """``world`` ranks of ``python argv`` with the environment torchrun would set (no agent)."""
+    port = _free_port()
+    envs = [{**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port)} for r in range(world)]  # fmt: skip
+    return [_popen([sys.executable, *argv], env) for env in envs]
 
 
 def _free_port() -> int:
@@ -223,44 +230,6 @@ def test_pipelined_dgl_is_sequential_dgl_also_after_preemption(tmp_path, sequent
     assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
 
 
-def test_a_stage_that_dies_ends_the_run(tmp_path):
-    out = tmp_path / "run"
-    proc = _start(out, "--method", "dgl", "--parallel", "pipeline", "--checkpoint-every", "2", "--epochs", "5")
-    _wait_for(out / "checkpoints" / "step-000000004.json", proc)
-    victim = _rank_pid(proc.pid, 1)
-    killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert time.monotonic() - killed < 30  # not the 60 s timeout: the peer's socket closes and torchrun tears down
-    for manifest in sorted((out / "checkpoints").glob("step-*.json")):
-        assert verify(manifest) is None  # every checkpoint left behind is complete
-
-
-def _rank_pid(root: int, rank: int) -> int:
-    """The pid of the worker with ``RANK=rank`` among ``root``'s descendants."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for pid in _descendants(root):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env:
-                return pid
-        time.sleep(0.05)
-    raise AssertionError(f"no worker with RANK={rank} under pid {root}")
-
-
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in map(int, children):
-            out += [child, *_descendants(child)]
-    return out
-
-
 def _accuracy_rank(rank: int, port: int, results) -> None:
     import torch
     import torch.distributed as dist
@@ -282,3 +251,75 @@ def test_data_parallel_train_accuracy_is_the_whole_batch_not_one_shard():
         results = manager.dict()
         mp.spawn(_accuracy_rank, args=(_free_port(), results), nprocs=2)
         assert dict(results) == {0: (0.75, 0.5), 1: (0.75, 0.5)}  # 3 of 4 right, weighted by shard; loss untouched
+
+
+# -- a grid of pipeline stages x data-parallel replicas --------------------------------------------------------------
+def test_grid_positions_and_refusals():
+    assert [grid_position(r, 6, 2) for r in (0, 2, 3, 5)] == [(0, 0, 3), (2, 0, 3), (0, 1, 3), (2, 1, 3)]
+    for world, replicas in ((4, 3), (2, 2), (4, 0)):  # not a divisor; one stage per replica; none
+        with pytest.raises(UserError, match="--dist.replicas"):
+            grid_position(0, world, replicas)
+
+
+GRID = ("--method", "dgl", "--parallel", "pipeline", "--replicas", "2", "--checkpoint-every", "2")
+
+
+def _wait_for_file(path: Path, procs: list[subprocess.Popen], seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), [p.communicate()[1][-2000:] for p in procs if p.poll() is not None] or "timed out"
+
+
+def test_grid_is_data_parallel_also_after_preemption(tmp_path):
+    """2 stages x 2 replicas (4 processes, stages balanced by time): each replica trains on half of every batch and
+    the replicas of a stage average its blocks' gradients, so the grid ends on the 2-rank data-parallel run's weights
+    bit for bit (the same shards, the same sums; with BatchNorm both differ from one process only by each shard's
+    batch statistics). It is stopped by SIGTERM to every process after a checkpoint and resumed: still those weights."""
+    out = tmp_path / "grid"
+    grid = _ranks([*TRAIN, "--out", str(out), *GRID], 4)
+    data_parallel = _ranks([*TRAIN, "--out", str(tmp_path / "dp"), "--method", "dgl"], 2)  # side by side
+    _wait_for_file(out / "checkpoints" / "step-000000002.json", grid)
+    for proc in grid:
+        proc.send_signal(signal.SIGTERM)
+    for proc in grid:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM received" in stderr, stderr[-2000:]
+    for proc in data_parallel:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    reference = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    resumed = _run_ranks([*TRAIN, "--out", str(out), *GRID, "--resume", "auto"], 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None and summary["steps"] == reference["steps"] == 6
+    assert summary["parallel"] == "pipeline" and summary["world_size"] == 4 and summary["pipeline_replicas"] == 2
+    assert len(summary["pipeline_wait_seconds"]) == 4
+    assert summary["fingerprint"] == reference["fingerprint"]
+    assert summary["block_accuracies"] == reference["block_accuracies"]
+    assert resumed == [0, 0, 0, 0]
+
+
+def _run_ranks(argv: list[str], world: int) -> list[int]:
+    procs = _ranks(argv, world)
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    return [proc.returncode for proc in procs]
+
+
+def test_a_grid_process_that_dies_ends_every_rank_with_a_clear_error(tmp_path):
+    """Without torchrun's agent to tear the job down: killing stage 1 of replica 1 ends its stage 0 (messages),
+    stage 1 of replica 0 (gradient averages) and rank 0 (the stop agreement) within seconds, each with the error
+    that names the cause and the way on; the checkpoints left behind are complete."""
+    out = tmp_path / "grid"
+    procs = _ranks([*TRAIN, "--out", str(out), *GRID, "--epochs", "5"], 4)
+    _wait_for_file(out / "checkpoints" / "step-000000002.json", procs)
+    procs[3].kill()
+    killed = time.monotonic()
+    for proc in procs[:3]:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "another process of the run failed" in stderr, stderr[-2000:]
+    assert time.monotonic() - killed < 30  # not the 60 s timeout: each rank sees a socket of its peers close
+    procs[3].communicate()
+    for manifest in sorted((out / "checkpoints").glob("step-*.json")):
+        assert verify(manifest) is None

@@ -21,6 +21,10 @@ What differs from one process training on the whole batch: the BatchNorm batch s
 ``sync_bn``) and the order of floating-point sums. ``--batch-size`` is the global batch: each of N ranks trains on
 B/N examples of the same seeded batch a single process would train on, so the schedule, the step count and the
 checkpoints are those of a single-process run.
+
+Inside a pipeline (:mod:`locallearn.distributed.pipeline`, ``--dist.replicas``) the same exchange runs over a
+subgroup: the replicas of one pipeline stage average the gradients of that stage's blocks only (``group`` and
+``blocks``), and the group's first rank is the source of the broadcasts.
 """
 
 from __future__ import annotations
@@ -52,6 +56,27 @@ def _unflatten(group: list[Tensor], flat: Tensor) -> None:
         offset += t.numel()
 
 
+def block_tensors(learner: Any, blocks: range) -> list[Tensor]:
+    """The parameters and buffers of ``blocks`` and of their auxiliary nets (``method.block_state``), each once."""
+    out: list[Tensor] = []
+    for b in blocks:
+        out += [*learner.blocks[b].parameters(), *learner.blocks[b].buffers()]
+        for item in learner.method.block_state(b):
+            out += [item] if isinstance(item, torch.Tensor) else [*item.parameters(), *item.buffers()]
+    return _unique(out)
+
+
+def _unique(tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` without repeats (shared tensors such as tied weights once), in order."""
+    seen: set[int] = set()
+    unique = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique.append(t)
+    return unique
+
+
 def _flat_collective(tensors: list[Tensor], collective, divide: int = 1) -> None:
     """Run ``collective`` (an in-place ``dist`` call on one tensor) over ``tensors`` flattened, one call per dtype,
     then divide by ``divide`` and copy the results back in place."""
@@ -62,19 +87,19 @@ def _flat_collective(tensors: list[Tensor], collective, divide: int = 1) -> None
         _unflatten(group, flat)
 
 
-def _flat_reduce(tensors: list[Tensor], world: int) -> None:
-    """Average ``tensors`` across ranks in place (SUM, then divide: gloo has no AVG)."""
-    _flat_collective(tensors, dist.all_reduce, divide=world)
+def _flat_reduce(tensors: list[Tensor], world: int, group=None) -> None:
+    """Average ``tensors`` across the ``world`` ranks of ``group`` in place (SUM, then divide: gloo has no AVG)."""
+    _flat_collective(tensors, lambda flat: dist.all_reduce(flat, group=group), divide=world)
 
 
 class _InFlight:
     """One block's gradient average in flight: the flat buffers (one per dtype) and their ``all_reduce`` works,
     started asynchronously; :meth:`finish` waits, divides and copies the averages back in place."""
 
-    def __init__(self, tensors: list[Tensor], world: int) -> None:
+    def __init__(self, tensors: list[Tensor], world: int, group=None) -> None:
         self.world = world
         self.groups = _flatten(tensors)
-        self.works = [dist.all_reduce(flat, async_op=True) for _, flat in self.groups]
+        self.works = [dist.all_reduce(flat, async_op=True, group=group) for _, flat in self.groups]
 
     def finish(self) -> None:
         for work, (group, flat) in zip(self.works, self.groups):
@@ -83,9 +108,9 @@ class _InFlight:
             _unflatten(group, flat)
 
 
-def _flat_broadcast(tensors: list[Tensor], src: int = 0) -> None:
-    """``tensors`` of rank ``src`` on every rank, in place."""
-    _flat_collective(tensors, lambda flat: dist.broadcast(flat, src=src))
+def _flat_broadcast(tensors: list[Tensor], src: int = 0, group=None) -> None:
+    """``tensors`` of (global) rank ``src`` on every rank of ``group``, in place."""
+    _flat_collective(tensors, lambda flat: dist.broadcast(flat, src=src, group=group))
 
 
 def convert_sync_batchnorm(learner: Any, device: torch.device) -> None:
@@ -108,6 +133,9 @@ class DataParallel:
     (evaluation counts summed), and broadcasts rank 0's parameters and buffers so every rank starts alike.
     Call :meth:`train_step` instead of ``learner.train_step``: it also broadcasts the buffers after the step.
 
+    ``group`` (a ``dist.new_group``; None: every rank) and ``blocks`` (None: all) narrow the exchange to the ranks
+    of the group and the state of those blocks: a pipeline stage's replicas (:mod:`locallearn.distributed.pipeline`).
+
     Example (under ``torchrun --nproc-per-node 2``)::
 
         ctx = init_from_env(torch.device("cpu"))
@@ -116,33 +144,36 @@ class DataParallel:
             dp.train_step(x, y)
     """
 
-    def __init__(self, learner: Any, ctx: DistContext, overlap: bool = True) -> None:
+    def __init__(
+        self, learner: Any, ctx: DistContext, overlap: bool = True, group=None, blocks: range | None = None
+    ) -> None:
         if not learner.built:
             raise UserError("DataParallel needs a built learner: pass input_shape=(C, H, W) to LocalLearner")
-        self.learner, self.ctx = learner, ctx
+        self.learner, self.ctx, self.group, self.blocks = learner, ctx, group, blocks
+        self.size = ctx.world if group is None else dist.get_world_size(group)  # the ranks averaged over
+        self.src = 0 if group is None else dist.get_global_rank(group, 0)  # the source of broadcasts
         self.in_flight: dict[int, tuple[_InFlight, Tensor | None]] = {}
         learner.grad_sync = self.sync_gradients
         learner.grad_sync_start = self.start_gradients if overlap else None
-        learner.eval_reduce = self.sum_counts
+        if group is None:
+            learner.eval_reduce = self.sum_counts
         learner.where = f" on rank {ctx.rank}"
         self.broadcast_state()
 
     def _state_tensors(self, buffers_only: bool = False) -> list[Tensor]:
+        if self.blocks is not None:
+            owned = block_tensors(self.learner, self.blocks)
+            return [t.data for t in owned if not buffers_only or not isinstance(t, nn.Parameter)]
         modules = (self.learner.model, self.learner.method)
         out = [b for m in modules for b in m.buffers()]
         if not buffers_only:
             out = [p.data for m in modules for p in m.parameters()] + out
-        seen, unique = set(), []
-        for t in out:  # shared tensors (tied weights) once
-            if id(t) not in seen:
-                seen.add(id(t))
-                unique.append(t)
-        return unique
+        return _unique(out)
 
     @torch.no_grad()
     def broadcast_state(self) -> None:
-        """Rank 0's parameters and buffers on every rank."""
-        _flat_broadcast(self._state_tensors())
+        """The source rank's parameters and buffers on every rank of the group."""
+        _flat_broadcast(self._state_tensors(), self.src, self.group)
 
     @staticmethod
     def _message(optimizer: torch.optim.Optimizer, loss: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
@@ -156,7 +187,7 @@ class DataParallel:
         k's backward and steps block k only after block k+1's backward, so the exchange runs behind that work
         (:func:`locallearn.engine.train_blocks`); :meth:`sync_gradients` then waits for it."""
         tensors, extra = self._message(optimizer, loss)
-        self.in_flight[k] = (_InFlight(tensors, self.ctx.world), extra)
+        self.in_flight[k] = (_InFlight(tensors, self.size, self.group), extra)
 
     @torch.no_grad()
     def sync_gradients(self, k: int, optimizer: torch.optim.Optimizer, loss: Tensor | None) -> Tensor | None:
@@ -170,15 +201,16 @@ class DataParallel:
             exchange.finish()
         else:
             tensors, extra = self._message(optimizer, loss)
-            _flat_reduce(tensors, self.ctx.world)
+            _flat_reduce(tensors, self.size, self.group)
         return extra.reshape(()) if extra is not None else None
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
-        """Rank 0's floating buffers (BatchNorm running statistics) on every rank, as DDP's ``broadcast_buffers``."""
+        """The source rank's floating buffers (BatchNorm running statistics) on every rank, as DDP's
+        ``broadcast_buffers``."""
         floating = [b for b in self._state_tensors(buffers_only=True) if b.is_floating_point()]
         if floating:
-            _flat_broadcast(floating)
+            _flat_broadcast(floating, self.src, self.group)
 
     def sum_counts(self, sums: Tensor) -> None:
         dist.all_reduce(sums)
@@ -186,20 +218,24 @@ class DataParallel:
     def train_step(self, x, y=None, **kwargs) -> dict[str, Tensor]:
         """``learner.train_step`` on this rank's shard, gradients averaged block by block, then the buffers synced."""
         stats = self.learner.train_step(x, y, **kwargs)
-        self.sync_buffers()
-        global_accuracies(stats, getattr(x, "y", y))
+        self.after_step(stats, getattr(x, "y", y))
         return stats
+
+    def after_step(self, stats: dict[str, Tensor], labels: Tensor | None) -> None:
+        """After a step: the buffers synced and the training accuracies made the whole batch's."""
+        self.sync_buffers()
+        global_accuracies(stats, labels, self.group)
 
     def agree_stop(self, signum: int | None) -> int | None:
         """The signal any rank received (the largest number), or None: every rank stops at the same step."""
         flag = torch.tensor([signum or 0], dtype=torch.int64, device=self.ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         value = int(flag.item())
         return value or None
 
 
 @torch.no_grad()
-def global_accuracies(stats: dict[str, Tensor], labels: Tensor | None) -> None:
+def global_accuracies(stats: dict[str, Tensor], labels: Tensor | None, group=None) -> None:
     """Replace each block's training accuracy (``acc/k``) in ``stats`` with the whole batch's, not this rank's
     shard's: one small all-reduce of (accuracy × shard size, shard size), so unequal shards weigh right. The losses
     are already averaged with the gradients (:meth:`DataParallel.sync_gradients`)."""
@@ -209,7 +245,7 @@ def global_accuracies(stats: dict[str, Tensor], labels: Tensor | None) -> None:
     n = float(labels.shape[0])
     shard = torch.full((1,), n, dtype=torch.float64, device=labels.device)
     flat = torch.cat([torch.stack([stats[key].detach().double().reshape(()) for key in keys]) * n, shard])  # no sync
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     for i, key in enumerate(keys):
         stats[key] = (flat[i] / flat[-1]).to(device=stats[key].device, dtype=stats[key].dtype)
 

@@ -18,7 +18,7 @@ count (tested).
 
 MAN and MAN++: the EMA copy of block k follows block k+1's first layer (``method.downstream_reads``). When block k+1
 lives on the next stage, that stage sends the layer's parameters upstream after each of its steps (a message of one
-layer's size); stage s copies version v (the parameters after step v) into its own replica of the layer and calls
+layer's size); stage s copies version v (the parameters after step v) into its own copy of the layer and calls
 ``method.downstream_stepped(k)``, applying versions in order. ``staleness`` = d: before its step t stage s needs
 versions up to t−1−d. With d = 0 that is exactly what the sequential engine has applied by then, so the result is
 sequential MAN's (tested). The version is sent right after block k+1's own step (the first of its stage) and
@@ -30,6 +30,12 @@ Checkpoints: stage 0 (rank 0) drives. At a checkpoint it sends a ``GATHER`` comm
 having finished every micro-batch before it, sends the state of its blocks and auxiliary nets, its optimizers, RNG
 state, the not yet applied parameter versions and its statistics to rank 0, which writes one checkpoint of the same
 format as a single-process run (plus each stage's pipeline state, so a pipelined resume is exact).
+
+A 2-D grid (``--dist.replicas R``): R copies of the pipeline, each on its own shard of every batch, the replicas of
+a stage averaging their gradients as data parallelism does (:class:`PipelineStage`). Each replica's stage 0 drives
+its pipeline through the same loop; they agree on stopping, and at a checkpoint every rank joins one gather (rank 0
+writes replica 0's weights and every rank's RNG state). With BatchNorm the result is the data-parallel one (each
+replica normalises with its shard's statistics), not the single process's.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from torch import Tensor
 
 from locallearn.data import Batch
 from locallearn.distributed.context import DistContext
+from locallearn.distributed.data_parallel import DataParallel, block_tensors
 from locallearn.engine import eval_blocks, eval_report, eval_sums
 from locallearn.errors import CheckpointError, UserError
 from locallearn.memory import balanced_boundaries
@@ -99,14 +106,7 @@ def stage_state_keys(learner: Any, blocks: range) -> tuple[list[str], list[str]]
     """The keys of ``learner.model.state_dict()`` and ``learner.method.state_dict()`` that belong to ``blocks``: the
     blocks' own parameters and buffers, and their auxiliary nets' (``method.block_state``). Over all stages every
     key belongs to exactly one (tested for every method), so the stages' parts make the whole state."""
-    owned: set[int] = set()
-    for b in blocks:
-        owned.update(id(t) for t in (*learner.blocks[b].parameters(), *learner.blocks[b].buffers()))
-        for item in learner.method.block_state(b):
-            if isinstance(item, torch.nn.Parameter):
-                owned.add(id(item))
-            else:
-                owned.update(id(t) for t in (*item.parameters(), *item.buffers()))
+    owned = {id(t) for t in block_tensors(learner, blocks)}
 
     def keys(module: torch.nn.Module) -> list[str]:
         return [name for name, t in module.state_dict(keep_vars=True).items() if id(t) in owned]
@@ -114,24 +114,54 @@ def stage_state_keys(learner: Any, blocks: range) -> tuple[list[str], list[str]]
     return keys(learner.model), keys(learner.method)
 
 
+def grid_position(rank: int, world: int, replicas: int) -> tuple[int, int, int]:
+    """(stage, replica, stages) of ``rank`` in a grid of ``world`` processes: ``replicas`` pipelines of
+    ``world / replicas`` stages, rank = replica × stages + stage (replica 0 is ranks 0 .. stages−1)."""
+    if replicas < 1 or world % replicas or world // replicas < 2:
+        raise UserError(
+            f"--dist.replicas {replicas} does not make a grid of {world} processes: it must divide them and leave at "
+            "least 2 pipeline stages per replica (stages = processes / replicas); for replicas only use --parallel data"
+        )
+    stages = world // replicas
+    return rank % stages, rank // stages, stages
+
+
 class PipelineStage:
-    """This process's stage of a pipelined learner: blocks ``starts[rank] .. starts[rank+1]-1``.
+    """This process's stage of a pipelined learner: blocks ``starts[stage] .. starts[stage+1]-1``.
+
+    With ``replicas`` R > 1 the processes form a 2-D grid: R pipelines of S = world / R stages, each fed its own
+    shard of every batch (rank = replica × S + stage, see :func:`grid_position`). The R replicas of a stage average
+    their blocks' gradients before each step (:class:`locallearn.distributed.data_parallel.DataParallel` over the
+    stage's group, overlapped as ``overlap`` says), so every replica of a block holds the same weights and the run
+    is the data-parallel run of the same global batch, pipelined. Each replica's stage 0 drives its pipeline; rank 0
+    (replica 0) writes.
 
     Args:
         learner: the whole learner, built identically on every rank (same seed).
-        ctx: the process group; the rank is the stage.
-        starts: the first block of stages 1 .. S−1 (S = world size).
+        ctx: the process group.
+        starts: the first block of stages 1 .. S−1.
         staleness: d, see the module docstring (0: exactly sequential MAN).
+        replicas: R, data-parallel copies of the pipeline (1: a plain pipeline, one stage per process).
+        overlap: with R > 1, start block k's gradient average right after its backward (see ``--dist.overlap``).
     """
 
-    def __init__(self, learner: Any, ctx: DistContext, starts: list[int], staleness: int = 0) -> None:
-        k, world = len(learner.blocks), ctx.world
+    def __init__(
+        self,
+        learner: Any,
+        ctx: DistContext,
+        starts: list[int],
+        staleness: int = 0,
+        replicas: int = 1,
+        overlap: bool = True,
+    ) -> None:
+        k = len(learner.blocks)
+        stage, replica, world = grid_position(ctx.rank, ctx.world, replicas)
         bounds = [0, *starts, k]
         if len(starts) != world - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise UserError(
-                f"pipeline stages {starts} do not cut K={k} blocks into {world} non-empty stages (one per process; "
-                f"data parallel x pipeline, a 2-D grid of ranks, is not supported): give {world - 1} increasing "
-                f"first-block indices in 1..{k - 1} (--dist.stages), or leave it unset to balance by time"
+                f"pipeline stages {starts} do not cut K={k} blocks into {world} non-empty stages (one per process "
+                f"of each of {replicas} replica(s)): give {world - 1} increasing first-block indices in 1..{k - 1} "
+                "(--dist.stages), or leave it unset to balance by time"
             )
         if staleness < 0:
             raise UserError(f"--dist.staleness must be >= 0 steps, got {staleness}")
@@ -141,17 +171,29 @@ class PipelineStage:
         # waiting in 40 steps of InfoPro+MAN K=15, 63.6 instead of ~70 img/s.
         learner.step_order = "per_block"
         self.learner, self.ctx, self.staleness = learner, ctx, staleness
-        self.stage, self.stages = ctx.rank, world
+        self.stage, self.stages, self.replica, self.replicas = stage, world, replica, replicas
         self.starts = bounds
         self.blocks = range(bounds[self.stage], bounds[self.stage + 1])
-        learner.where = f" on pipeline stage {self.stage} (rank {ctx.rank})"
+        # the replicas of each stage average their gradients (every process makes every group, in the same order);
+        # stage 0's group, the drivers, also agrees when to stop
+        self.dp: DataParallel | None = None
+        self.drivers = None
+        if replicas > 1:
+            groups = [dist.new_group([r * world + s for r in range(replicas)]) for s in range(world)]
+            self.dp = DataParallel(learner, ctx, overlap=overlap, group=groups[stage], blocks=self.blocks)
+            self.drivers = groups[0]
+        learner.where = (
+            f" on pipeline stage {self.stage}"
+            + (f" of replica {replica}" if replicas > 1 else "")
+            + (f" (rank {ctx.rank})")
+        )
         reads = learner.method.downstream_reads()
         first, last = self.blocks.start, self.blocks.stop - 1
-        # the layer of my first block that the stage before reads (I send it), and my replica of the next stage's
+        # the layer of my first block that the stage before reads (I send it), and my copy of the next stage's
         self.source = reads.get(first - 1) if self.stage > 0 else None
         self.reader = last if self.stage < world - 1 and last in reads else None
-        self.replica = reads[last] if self.reader is not None else None
-        self.applied = learner.step - 1  # versions (parameters after step v) applied to the replica: 0 .. applied
+        self.next_layer = reads[last] if self.reader is not None else None
+        self.applied = learner.step - 1  # versions (parameters after step v) applied to next_layer: 0 .. applied
         self.pending: list[Tensor] = []  # versions received but not yet applied, in order
         self.sends: list[tuple[list[dist.Work], list[Tensor]]] = []
         self.snapshot_sends: list[tuple[dist.Work, Tensor]] = []
@@ -161,7 +203,7 @@ class PipelineStage:
         # the next stage to take its outputs (back-pressure); the pipeline's bubbles, reported in summary.json
         self.waits = {"input": 0.0, "versions": 0.0, "backpressure": 0.0}
         self.model_keys, self.method_keys = stage_state_keys(learner, self.blocks)
-        self.prev, self.next = self.stage - 1, self.stage + 1
+        self.prev, self.next = ctx.rank - 1, ctx.rank + 1  # my replica's stages before and after mine
 
     # -- messages ----------------------------------------------------------------------------------------------------
     def _send(
@@ -247,7 +289,7 @@ class PipelineStage:
 
     def _recv_version(self) -> Tensor:
         """The next parameter version of the next stage's layer, from the wire (the layout of ``_flat_source``)."""
-        params = list(self.replica.parameters())
+        params = list(self.next_layer.parameters())
         flat = torch.empty(sum(p.numel() for p in params), dtype=_common_dtype(params), device=self.learner.device)
         start = time.perf_counter()
         dist.recv(flat, self.next, tag=TAG_SNAPSHOT)
@@ -259,13 +301,13 @@ class PipelineStage:
 
     @torch.no_grad()
     def _apply_versions(self, upto: int) -> None:
-        """Bring the replica of the next stage's layer to version ``upto``, one version at a time, each followed by
+        """Bring my copy of the next stage's layer to version ``upto``, one version at a time, each followed by
         ``method.downstream_stepped`` (what the sequential engine does after each of that block's steps)."""
-        if self.replica is None:
+        if self.next_layer is None:
             return
         while self.applied < upto:
             flat, offset = self._next_version(), 0
-            for p in self.replica.parameters():
+            for p in self.next_layer.parameters():
                 p.copy_(flat[offset : offset + p.numel()].view(p.shape))
                 offset += p.numel()
             self.applied += 1
@@ -273,7 +315,7 @@ class PipelineStage:
 
     def _receive_all_versions(self) -> None:
         """Receive (not apply) every version the next stage has sent: all of steps 0 .. step−1."""
-        if self.replica is None:
+        if self.next_layer is None:
             return
         while self.applied + len(self.pending) < self.learner.step - 1:
             self.pending.append(self._recv_version())
@@ -291,6 +333,8 @@ class PipelineStage:
         compiled_before = self.learner.compile_seconds
         stats, out = self.learner.train_blocks(batch, h, self.blocks, self._before_block, self._after_step)
         self._send(TRAIN, self.learner.step, out, batch.y, batch.raw if self._needs_raw else None, batch.soft)
+        if self.dp is not None:  # after the send: the next stage need not wait for the replicas' exchange
+            self.dp.after_step(stats, batch.y)
         if self.learner.compile_seconds != compiled_before:  # this step compiled my blocks
             self._compiled_handshake()
         return stats
@@ -377,6 +421,10 @@ class PipelineStage:
     def _stage_state(self) -> dict[str, Any]:
         learner = self.learner
         self._receive_all_versions()
+        if self.replica > 0:  # replica 0 holds the same weights and statistics; only my own RNG state is mine
+            self.sums, self.count = {}, 0
+            return {"stage": self.stage, "replica": self.replica, "pipeline": self.pipeline_state(),
+                    "waits": dict(self.waits)}  # fmt: skip
         model_state = learner.model.state_dict()
         method_state = learner.method.state_dict()
         state = {
@@ -396,40 +444,44 @@ class PipelineStage:
     def pipeline_state(self) -> dict[str, Any]:
         """What a pipelined resume needs beyond the learner: applied and pending parameter versions, RNG state."""
         rng = rng_state()
-        replica = None if self.replica is None else [p.detach().cpu().clone() for p in self.replica.parameters()]
+        copy = None if self.next_layer is None else [p.detach().cpu().clone() for p in self.next_layer.parameters()]
         return {
             "applied": self.applied,
             "pending": [t.cpu() for t in self.pending],
-            "replica": replica,
+            "replica": copy,  # the key of checkpoints written before the grid: the copy of the next stage's layer
             "rng": rng,
             "staleness": self.staleness,
             "starts": self.starts,
+            "replicas": self.replicas,
         }
 
     @torch.no_grad()
     def restore_pipeline_state(self, state: dict[str, Any] | None) -> None:
         """After ``learner.load_state_dict``: this stage's pipeline state from a pipelined checkpoint, or, from a
-        sequential one, the replica as the checkpoint holds it (version step−1) and nothing pending."""
+        sequential one, the copy of the next stage's layer as the checkpoint holds it (version step−1) and nothing
+        pending."""
         if state is None:
             self.applied, self.pending = self.learner.step - 1, []
             return
-        if state["starts"] != self.starts:
+        if state["starts"] != self.starts or state.get("replicas", 1) != self.replicas:
             raise CheckpointError(
-                f"the checkpoint was written by pipeline stages {state['starts']}, this run has {self.starts}: resume "
-                "with the same --dist.stages"
+                f"the checkpoint was written by pipeline stages {state['starts']} x {state.get('replicas', 1)} "
+                f"replica(s), this run has {self.starts} x {self.replicas}: resume with the same --dist.stages and "
+                "--dist.replicas"
             )
         self.applied = int(state["applied"])
         device = self.learner.device
         self.pending = [t.to(device) for t in state["pending"]]
-        if self.replica is not None and state["replica"] is not None:
-            for p, value in zip(self.replica.parameters(), state["replica"]):
+        if self.next_layer is not None and state["replica"] is not None:
+            for p, value in zip(self.next_layer.parameters(), state["replica"]):
                 p.copy_(value)
         set_rng_state(state["rng"])
 
     def gather(self) -> list[dict[str, Any]] | None:
-        """Every stage's state on rank 0 (a collective: rank 0 sends ``GATHER`` first, see :meth:`collect`)."""
-        payload = None if self.stage == 0 else self._stage_state()
-        out = [None] * self.stages if self.stage == 0 else None
+        """Every rank's stage state on rank 0, in rank order (a collective of the whole grid: each replica's stage 0
+        sends ``GATHER`` down its pipeline first, see :meth:`collect`)."""
+        payload = None if self.ctx.rank == 0 else self._stage_state()
+        out = [None] * self.ctx.world if self.ctx.rank == 0 else None
         dist.gather_object(payload, out, dst=0)
         return out
 
@@ -437,16 +489,22 @@ class PipelineStage:
     def collect(self) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
         """Stage 0: bring every stage's blocks, auxiliary nets, optimizers and counters into rank 0's learner (so its
         ``state_dict`` and fingerprint are those of the whole model). Returns the other stages' statistic sums since
-        the last collect, and their pipeline states (for the checkpoint)."""
+        the last collect, and every rank's pipeline state (for the checkpoint). Stage 0 of another replica takes
+        part in the gather and returns ``({}, None)``."""
         self._send(GATHER)
+        if self.ctx.rank != 0:
+            self.gather()
+            return {}, None
         states = self.gather()[1:]
         learner = self.learner
         self._receive_all_versions()
         model_state, method_state = learner.model.state_dict(), learner.method.state_dict()
         sums: dict[str, Tensor] = {}
-        pipeline = [self.pipeline_state()]
+        pipeline = [self.pipeline_state()] + [state["pipeline"] for state in states]
         self.stage_waits = [dict(self.waits)] + [state["waits"] for state in states]
         for state in states:
+            if "model" not in state:
+                continue  # another replica: its weights are replica 0's
             for key, value in state["model"].items():
                 model_state[key].copy_(value)
             for key, value in state["method"].items():
@@ -456,8 +514,15 @@ class PipelineStage:
             for b, n in state["skipped_by_block"].items():
                 learner.skipped_by_block[b] = n
             sums.update({k: v.to(learner.device) for k, v in state["sums"].items()})
-            pipeline.append(state["pipeline"])
         return sums, pipeline
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        """Each replica's stage 0: the signal any of them received, so every pipeline stops at the same step."""
+        if self.drivers is None:
+            return signum
+        flag = torch.tensor([signum or 0], dtype=torch.int64, device=self._wire_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.drivers)
+        return int(flag.item()) or None
 
     def stop(self, signum: int = 0) -> None:
         """Stage 0: tell every stage to finish (``signum``: the signal that stopped the run, 0 at the normal end)."""

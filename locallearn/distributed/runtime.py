@@ -27,6 +27,7 @@ class Sequential:
     """One process: the learner itself."""
 
     writer = True
+    drives = True  # runs the training loop (False: a pipeline stage > 0, which follows its stage 0's commands)
     images_factor = 1  # examples of the whole batch per example this process trains on
     mode = "none"
     last_pipeline: Any = None  # the pipeline stages' states from the last collect (None outside a pipeline)
@@ -98,15 +99,22 @@ class DataParallelRun(Sequential):
 
 
 class PipelineRun(Sequential):
-    """Rank 0 is stage 0 and drives the loop; the other ranks :meth:`serve`."""
+    """Stage 0 of each replica drives the loop (rank 0 writes); the other ranks :meth:`serve`."""
 
     mode = "pipeline"
 
-    def __init__(self, learner: Any, ctx: DistContext, starts: list[int], staleness: int) -> None:
+    def __init__(
+        self, learner: Any, ctx: DistContext, starts: list[int], staleness: int, replicas: int = 1, overlap: bool = True
+    ) -> None:
         super().__init__(learner)
         self.ctx = ctx
-        self.stage = PipelineStage(learner, ctx, starts, staleness)
+        self.stage = PipelineStage(learner, ctx, starts, staleness, replicas, overlap)
         self.writer = ctx.is_writer
+        self.drives = self.stage.stage == 0  # each replica's stage 0 runs the loop; the other stages serve
+        self.images_factor = replicas
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        return self.stage.agree_stop(signum)
 
     def train_step(self, batch) -> dict[str, Tensor]:
         return self.stage.train_step(batch)
@@ -139,7 +147,9 @@ class PipelineRun(Sequential):
             "world_size": self.ctx.world,
             "pipeline_stages": [list(range(a, b)) for a, b in zip(starts, starts[1:])],
             "pipeline_staleness": self.stage.staleness,
-            # per stage, seconds spent waiting (input, MAN's parameter versions, back-pressure) up to the last collect
+            "pipeline_replicas": self.stage.replicas,
+            # per rank (rank = replica × stages + stage), seconds spent waiting (input, MAN's parameter versions,
+            # back-pressure) up to the last collect
             "pipeline_wait_seconds": getattr(self.stage, "stage_waits", None),
         }
 
