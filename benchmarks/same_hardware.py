@@ -36,7 +36,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"DGL K=4": ["--method", "dgl", "--K", "4"], "DGL+MAN K=4": ["--method", "dgl+man", "--K", "4"],
-           "InfoPro+MAN K=4": ["--method", "infopro+man", "--K", "4"]}  # fmt: skip
+           "InfoPro+MAN K=4": ["--method", "infopro+man", "--K", "4"],
+           # cut for a two-stage pipeline: blocks 0-1 with their two MAN heads about as long as blocks 2-3 with one
+           # (by seconds per block measured at 1 thread; the even cuts are 4, 8, 12), docs/benchmarks/speed.md
+           "DGL+MAN K=4 cuts 2,5,10": ["--method", "dgl+man", "--K", "4", "--split", "2,5,10"]}  # fmt: skip
 
 
 def common(args: argparse.Namespace) -> list[str]:

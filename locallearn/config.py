@@ -139,6 +139,8 @@ class DistConfig:
         average their gradients. 1: one pipeline.
     staleness: pipeline, MAN/MAN++: steps by which block k's EMA copy may lag block k+1's first layer when that
         layer is on the next stage (0: exactly the sequential result; 1+: the stage never waits for the next one).
+    in_flight: pipeline: micro-batches a stage may run ahead of the next one (sent, not yet received); more absorbs
+        jitter between the stages' times, at the memory of that many outputs.
     sync_bn: data-parallel: BatchNorm statistics over the global batch (torch's SyncBatchNorm; CUDA only).
     overlap: data-parallel: start block k's gradient average right after its backward and step block k after
         block k+1's backward, so the exchange runs behind that work (the same weights, bit for bit); False waits for
@@ -150,6 +152,7 @@ class DistConfig:
     stages: list[int] | None = None
     replicas: int = 1
     staleness: int = 0
+    in_flight: int = 2
     sync_bn: bool = False
     overlap: bool = True
     timeout_s: float = 300.0
@@ -308,7 +311,7 @@ def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
 _POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.K", "train.max_steps",
              "data.limit_train", "data.limit_test", "data.image_size", "data.in_channels", "data.num_classes",
              "data.synthetic_train_size", "data.synthetic_test_size", "data.crop_size", "data.pad_to",
-             "data.channels", "train.malloc_mmap_threshold", "dist.replicas")  # fmt: skip
+             "data.channels", "train.malloc_mmap_threshold", "dist.replicas", "dist.in_flight")  # fmt: skip
 _NON_NEGATIVE = ("train.seed", "train.checkpoint_every", "data.workers", "dist.staleness", "optim.weight_decay",
                  "optim.warmup_epochs", "train.log_every", "train.mixup", "train.cutmix")  # fmt: skip
 _CHOICES = {

@@ -242,7 +242,8 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
                 " ".join(f"{t * 1e3:.1f}ms" for t in seconds),
             )
         starts = broadcast_object(starts)
-    return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness, cfg.dist.replicas, cfg.dist.overlap)
+    return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness, cfg.dist.replicas, cfg.dist.overlap,
+                               cfg.dist.in_flight)  # fmt: skip
 
 
 @dataclass

@@ -72,7 +72,8 @@ def test_yaml_mappings_give_a_config_or_a_config_error(mapping, tmp_path_factory
 @pytest.mark.parametrize(
     "dotted, value, message",
     [("train.epochs", 0, "train.epochs must be >= 1"), ("optim.momentum", 1.5, "optim.momentum"),
-     ("dist.parallel", "grid", "dist.parallel must be one of"), ("train.keep_checkpoints", 1, "keep_checkpoints")],
+     ("dist.parallel", "grid", "dist.parallel must be one of"), ("train.keep_checkpoints", 1, "keep_checkpoints"),
+     ("dist.replicas", 0, "dist.replicas must be >= 1"), ("dist.in_flight", 0, "dist.in_flight must be >= 1")],
 )  # fmt: skip
 def test_out_of_range_values_are_named(dotted, value, message):
     cfg = RunConfig()

@@ -177,13 +177,15 @@ def test_pipelined_man_with_staleness_0_is_sequential_man(tmp_path, sequential):
 
 def test_pipelined_mixup_is_sequential_mixup(tmp_path):
     """Mixup and cutmix are drawn once per step on stage 0 and the soft targets travel with the activations (the
-    mixed [0, 1] images too, for MAN++'s InfoPro decoders): the pipelined run ends on the single-process weights."""
+    mixed [0, 1] images too, for MAN++'s InfoPro decoders): the pipelined run ends on the single-process weights,
+    also with another bound on the micro-batches in flight (timing only)."""
     args = ("--method", "man++", "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1")
     sequential, pipelined = _run_all(
         [([sys.executable], tmp_path / "seq", args), (DIRECT, tmp_path / "pipe", (*args, "--parallel", "pipeline",
-                                                                                  "--dist.stages=[1]"))]
+                                                                                  "--dist.stages=[1]",
+                                                                                  "--dist.in_flight=4"))]
     )  # fmt: skip
-    assert pipelined["fingerprint"] == sequential["fingerprint"]
+    assert pipelined["fingerprint"] == sequential["fingerprint"] and pipelined["pipeline_in_flight"] == 4
     assert pipelined["block_accuracies"] == sequential["block_accuracies"]
 
 

@@ -75,3 +75,12 @@ def test_unknown_arch_and_split():
         create_model("resnet33")
     with pytest.raises(UserError, match="unknown split"):
         resolve_split(create_model("resnet20"), "nope", 2)
+
+
+def test_boundaries_given_as_layer_indices():
+    model = create_model("resnet32")
+    assert resolve_split(model, "2, 5,10", None) == resolve_split(model, "2,5,10", 4) == [2, 5, 10]
+    with pytest.raises(UserError, match="give 4 blocks, not K=3"):
+        resolve_split(model, "2,5,10", 3)
+    with pytest.raises(UserError, match="must increase strictly"):
+        resolve_split(model, "5,2", None)

@@ -59,7 +59,7 @@ TRAIN, EVAL, EVAL_END, GATHER, STOP = 1, 2, 3, 4, 5
 HEADER = 14  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5, soft classes (0: none), soft dtype]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT, TAG_SOFT, TAG_COMPILED = 1, 2, 3, 4, 5, 6, 7
-MAX_IN_FLIGHT = 2  # micro-batches a stage may run ahead of the next one (bounds the memory of unsent outputs)
+IN_FLIGHT = 2  # default: micro-batches a stage may run ahead of the next one (bounds the memory of unsent outputs)
 
 
 def balance(costs: list[float], stages: int) -> list[int]:
@@ -143,6 +143,9 @@ class PipelineStage:
         staleness: d, see the module docstring (0: exactly sequential MAN).
         replicas: R, data-parallel copies of the pipeline (1: a plain pipeline, one stage per process).
         overlap: with R > 1, start block k's gradient average right after its backward (see ``--dist.overlap``).
+        in_flight: micro-batches a stage may run ahead of the next (sent, not yet received): more absorbs jitter in
+            the stages' times at the memory of that many outputs; for MAN at staleness 0 more does not help (block k
+            waits for block k+1's version of the step before).
     """
 
     def __init__(
@@ -153,6 +156,7 @@ class PipelineStage:
         staleness: int = 0,
         replicas: int = 1,
         overlap: bool = True,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         k = len(learner.blocks)
         stage, replica, world = grid_position(ctx.rank, ctx.world, replicas)
@@ -163,6 +167,8 @@ class PipelineStage:
                 f"of each of {replicas} replica(s)): give {world - 1} increasing first-block indices in 1..{k - 1} "
                 "(--dist.stages), or leave it unset to balance by time"
             )
+        if in_flight < 1:
+            raise UserError(f"--dist.in_flight must be >= 1 micro-batch, got {in_flight}")
         if staleness < 0:
             raise UserError(f"--dist.staleness must be >= 0 steps, got {staleness}")
         # A stage steps each block right after its own backward even when the config says after_all: the weights are
@@ -170,7 +176,7 @@ class PipelineStage:
         # would make block k on the stage before wait for the whole stage (MAN, staleness 0): measured 19 s of
         # waiting in 40 steps of InfoPro+MAN K=15, 63.6 instead of ~70 img/s.
         learner.step_order = "per_block"
-        self.learner, self.ctx, self.staleness = learner, ctx, staleness
+        self.learner, self.ctx, self.staleness, self.in_flight = learner, ctx, staleness, in_flight
         self.stage, self.stages, self.replica, self.replicas = stage, world, replica, replicas
         self.starts = bounds
         self.blocks = range(bounds[self.stage], bounds[self.stage + 1])
@@ -231,7 +237,7 @@ class PipelineStage:
         works += [dist.isend(t, self.next, tag=tag) for t, tag in tensors]
         self.sends.append((works, [header, *(t for t, _ in tensors)]))
         start = time.perf_counter()
-        while len(self.sends) > MAX_IN_FLIGHT:  # back-pressure: never more than that many micro-batches in flight
+        while len(self.sends) > self.in_flight:  # back-pressure: never more than that many micro-batches in flight
             for work in self.sends.pop(0)[0]:
                 work.wait()
         self.waits["backpressure"] += time.perf_counter() - start

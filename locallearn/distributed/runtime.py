@@ -104,11 +104,18 @@ class PipelineRun(Sequential):
     mode = "pipeline"
 
     def __init__(
-        self, learner: Any, ctx: DistContext, starts: list[int], staleness: int, replicas: int = 1, overlap: bool = True
+        self,
+        learner: Any,
+        ctx: DistContext,
+        starts: list[int],
+        staleness: int,
+        replicas: int = 1,
+        overlap: bool = True,
+        in_flight: int = 2,
     ) -> None:
         super().__init__(learner)
         self.ctx = ctx
-        self.stage = PipelineStage(learner, ctx, starts, staleness, replicas, overlap)
+        self.stage = PipelineStage(learner, ctx, starts, staleness, replicas, overlap, in_flight)
         self.writer = ctx.is_writer
         self.drives = self.stage.stage == 0  # each replica's stage 0 runs the loop; the other stages serve
         self.images_factor = replicas
@@ -148,6 +155,7 @@ class PipelineRun(Sequential):
             "pipeline_stages": [list(range(a, b)) for a, b in zip(starts, starts[1:])],
             "pipeline_staleness": self.stage.staleness,
             "pipeline_replicas": self.stage.replicas,
+            "pipeline_in_flight": self.stage.in_flight,
             # per rank (rank = replica × stages + stage), seconds spent waiting (input, MAN's parameter versions,
             # back-pressure) up to the last collect
             "pipeline_wait_seconds": getattr(self.stage, "stage_waits", None),

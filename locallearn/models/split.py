@@ -132,15 +132,20 @@ def _cuttable(model: LayeredModel) -> int:
 
 
 def resolve_split(model: LayeredModel, split: str | list[str], k: int | None) -> list[int]:
-    """Return the boundaries for ``split`` (a splitter, a named preset, or module names to cut after) with ``k``
-    blocks.
+    """Return the boundaries for ``split`` (a splitter, a named preset, layer indices such as "2,5,10", or module
+    names to cut after) with ``k`` blocks.
 
     Raises:
         UserError: unknown split name, a preset without this arch or K, or K outside 1..(number of feature layers).
     """
     num_features = _cuttable(model)
-    names = _module_names(model, split)
-    if names is not None:
+    indices = _layer_indices(split)
+    names = None if indices is not None else _module_names(model, split)
+    if indices is not None:
+        bounds = indices
+        if k is not None and len(bounds) + 1 != k:
+            raise UserError(f"boundaries {split} give {len(bounds) + 1} blocks, not K={k}: drop --K or give {k - 1}")
+    elif names is not None:
         bounds = boundaries_after_modules(model, names)
         if k is not None and len(bounds) + 1 != k:
             raise UserError(f"cuts after {', '.join(names)} give {len(bounds) + 1} blocks, not K={k}: drop --K")
@@ -187,6 +192,15 @@ def _too_many_blocks(model: LayeredModel, k: int) -> str:
     else:
         reason = f"it has {len(plan.names)} segments that can be cut apart ({', '.join(plan.names)})"
     return f"K={k} does not fit {model.arch}: {reason}; the largest K that works is {plan.max_blocks}"
+
+
+def _layer_indices(split: str | list[str]) -> list[int] | None:
+    """The boundaries themselves when ``split`` is a comma-separated string of layer indices ("2,5,10": blocks start at
+    layers 0, 2, 5 and 10, as ``describe_split`` numbers the layers); None otherwise."""
+    if not isinstance(split, str) or not split.strip():
+        return None
+    parts = [s.strip() for s in split.split(",")]
+    return [int(p) for p in parts] if all(p.isdigit() for p in parts) else None
 
 
 def _module_names(model: LayeredModel, split: str | list[str]) -> list[str] | None:
