@@ -159,12 +159,12 @@ class PipelineStage:
         in_flight: int = IN_FLIGHT,
     ) -> None:
         k = len(learner.blocks)
-        stage, replica, world = grid_position(ctx.rank, ctx.world, replicas)
+        stage, replica, stages = grid_position(ctx.rank, ctx.world, replicas)
         bounds = [0, *starts, k]
-        if len(starts) != world - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        if len(starts) != stages - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise UserError(
-                f"pipeline stages {starts} do not cut K={k} blocks into {world} non-empty stages (one per process "
-                f"of each of {replicas} replica(s)): give {world - 1} increasing first-block indices in 1..{k - 1} "
+                f"pipeline stages {starts} do not cut K={k} blocks into {stages} non-empty stages (one per process "
+                f"of each of {replicas} replica(s)): give {stages - 1} increasing first-block indices in 1..{k - 1} "
                 "(--dist.stages), or leave it unset to balance by time"
             )
         if in_flight < 1:
@@ -177,7 +177,7 @@ class PipelineStage:
         # waiting in 40 steps of InfoPro+MAN K=15, 63.6 instead of ~70 img/s.
         learner.step_order = "per_block"
         self.learner, self.ctx, self.staleness, self.in_flight = learner, ctx, staleness, in_flight
-        self.stage, self.stages, self.replica, self.replicas = stage, world, replica, replicas
+        self.stage, self.stages, self.replica, self.replicas = stage, stages, replica, replicas
         self.starts = bounds
         self.blocks = range(bounds[self.stage], bounds[self.stage + 1])
         # the replicas of each stage average their gradients (every process makes every group, in the same order);
@@ -185,7 +185,7 @@ class PipelineStage:
         self.dp: DataParallel | None = None
         self.drivers = None
         if replicas > 1:
-            groups = [dist.new_group([r * world + s for r in range(replicas)]) for s in range(world)]
+            groups = [dist.new_group([r * stages + s for r in range(replicas)]) for s in range(stages)]
             self.dp = DataParallel(learner, ctx, overlap=overlap, group=groups[stage], blocks=self.blocks)
             self.drivers = groups[0]
         learner.where = (
@@ -197,7 +197,7 @@ class PipelineStage:
         first, last = self.blocks.start, self.blocks.stop - 1
         # the layer of my first block that the stage before reads (I send it), and my copy of the next stage's
         self.source = reads.get(first - 1) if self.stage > 0 else None
-        self.reader = last if self.stage < world - 1 and last in reads else None
+        self.reader = last if self.stage < stages - 1 and last in reads else None
         self.next_layer = reads[last] if self.reader is not None else None
         self.applied = learner.step - 1  # versions (parameters after step v) applied to next_layer: 0 .. applied
         self.pending: list[Tensor] = []  # versions received but not yet applied, in order
