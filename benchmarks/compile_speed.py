@@ -7,6 +7,11 @@ times blocks of ``--steps`` training steps of each in turn, ``--repeats`` times,
 median images per second of each, and the ratio of medians, with every block's figure beside it.
 
     OMP_NUM_THREADS=2 python benchmarks/compile_speed.py --method dgl --K 4 --arch resnet32 --batch-size 128
+
+``--profile`` then prints, for each learner, where three more steps spend their time (``torch.profiler``, operators
+by self CPU time, with the share of convolutions, forward and backward, in the total); ``--kernel-profile`` names
+each of inductor's generated kernels in that table (``torch._inductor.config.cpp.enable_kernel_profile``; the
+compile cache does not hold such kernels, so it compiles from scratch).
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="training steps per timed block")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks of each learner, alternating")
     p.add_argument("--mode", default="default", help="torch.compile mode")
+    p.add_argument("--profile", action="store_true", help="print where the time goes, per learner")
+    p.add_argument("--kernel-profile", action="store_true", help="with --profile: name inductor's kernels")
     args = p.parse_args()
+    if args.kernel_profile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
 
     shape = (3, args.image_size, args.image_size)
     data = torch.Generator().manual_seed(1)
@@ -64,6 +75,24 @@ def main() -> None:
         "images_per_second": {k: [round(r, 1) for r in v] for k, v in rates.items()},
         "median_eager": eager, "median_compiled": compiled, "speedup": compiled / eager,
     }, indent=1))  # fmt: skip
+    if args.profile:
+        for name, learner in learners.items():
+            profile_steps(name, learner, x, y)
+
+
+def profile_steps(name: str, learner, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> None:
+    """Operators (and compiled kernels) of ``steps`` training steps by self CPU time, and the convolutions' share."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            learner.train_step(x, y)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mkldnn_convolution",
+                                                                  "aten::convolution_backward"))  # fmt: skip
+    print(f"\n{name}: {steps} steps, {total / 1e3:.0f} ms of operator time, convolutions {100 * conv / total:.0f} %")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":
