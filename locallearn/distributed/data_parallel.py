@@ -228,10 +228,14 @@ class DataParallel:
 
     def agree_stop(self, signum: int | None) -> int | None:
         """The signal any rank received (the largest number), or None: every rank stops at the same step."""
-        flag = torch.tensor([signum or 0], dtype=torch.int64, device=self.ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        value = int(flag.item())
-        return value or None
+        return agree_stop(signum, self.ctx.device, self.group)
+
+
+def agree_stop(signum: int | None, device: torch.device, group=None) -> int | None:
+    """The signal any rank of ``group`` received (the largest number), or None, on every rank of it."""
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item()) or None
 
 
 @torch.no_grad()

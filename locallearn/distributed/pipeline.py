@@ -49,7 +49,7 @@ from torch import Tensor
 
 from locallearn.data import Batch
 from locallearn.distributed.context import DistContext
-from locallearn.distributed.data_parallel import DataParallel, block_tensors
+from locallearn.distributed.data_parallel import DataParallel, agree_stop, block_tensors
 from locallearn.engine import eval_blocks, eval_report, eval_sums
 from locallearn.errors import CheckpointError, UserError
 from locallearn.memory import balanced_boundaries
@@ -524,11 +524,7 @@ class PipelineStage:
 
     def agree_stop(self, signum: int | None) -> int | None:
         """Each replica's stage 0: the signal any of them received, so every pipeline stops at the same step."""
-        if self.drivers is None:
-            return signum
-        flag = torch.tensor([signum or 0], dtype=torch.int64, device=self._wire_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.drivers)
-        return int(flag.item()) or None
+        return signum if self.drivers is None else agree_stop(signum, self._wire_device, self.drivers)
 
     def stop(self, signum: int = 0) -> None:
         """Stage 0: tell every stage to finish (``signum``: the signal that stopped the run, 0 at the normal end)."""

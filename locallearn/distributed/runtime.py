@@ -16,7 +16,7 @@ from torch import Tensor
 from locallearn.data import as_batch
 from locallearn.distributed.context import DistContext
 from locallearn.distributed.data_parallel import DataParallel, gather_to_writer
-from locallearn.distributed.pipeline import PipelineStage
+from locallearn.distributed.pipeline import IN_FLIGHT, PipelineStage
 from locallearn.metrics import fingerprint
 from locallearn.rng import rng_state, set_rng_state
 
@@ -111,7 +111,7 @@ class PipelineRun(Sequential):
         staleness: int,
         replicas: int = 1,
         overlap: bool = True,
-        in_flight: int = 2,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         super().__init__(learner)
         self.ctx = ctx
