@@ -188,11 +188,8 @@ class PipelineStage:
             groups = [dist.new_group([r * stages + s for r in range(replicas)]) for s in range(stages)]
             self.dp = DataParallel(learner, ctx, overlap=overlap, group=groups[stage], blocks=self.blocks)
             self.drivers = groups[0]
-        learner.where = (
-            f" on pipeline stage {self.stage}"
-            + (f" of replica {replica}" if replicas > 1 else "")
-            + (f" (rank {ctx.rank})")
-        )
+        of_replica = f" of replica {replica}" if replicas > 1 else ""
+        learner.where = f" on pipeline stage {self.stage}{of_replica} (rank {ctx.rank})"
         reads = learner.method.downstream_reads()
         first, last = self.blocks.start, self.blocks.stop - 1
         # the layer of my first block that the stage before reads (I send it), and my copy of the next stage's
