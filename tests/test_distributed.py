@@ -263,6 +263,20 @@ def test_grid_positions_and_refusals():
             grid_position(0, world, replicas)
 
 
+def test_replicas_are_refused_outside_a_pipeline_and_where_they_make_no_grid(monkeypatch):
+    from locallearn.config import RunConfig
+    from locallearn.runner import _parallel_mode
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it
+    cfg = RunConfig()
+    cfg.dist.replicas = 2
+    with pytest.raises(UserError, match="--dist.replicas 2 is for --parallel pipeline"):
+        _parallel_mode(cfg)  # auto: data parallel under torchrun
+    cfg.dist.parallel = "pipeline"
+    with pytest.raises(UserError, match="does not make a grid of 3 processes"):
+        _parallel_mode(cfg)
+
+
 GRID = ("--method", "dgl", "--parallel", "pipeline", "--replicas", "2", "--checkpoint-every", "2")
 
 
