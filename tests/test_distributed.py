@@ -121,6 +121,17 @@ def test_measuring_block_times_changes_nothing():
     assert all(not opt.state for opt in learner.optimizers)  # momentum buffers of the timed steps are gone
 
 
+def test_measuring_block_times_does_not_compile(monkeypatch):
+    """Rank 0 times the blocks alone: compiling there would leave the other stages' compile handshake unanswered."""
+    from locallearn import compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    learner = LocalLearner(create_model("resnet20", num_classes=10, in_channels=1), "dgl", 2, input_shape=(1, 28, 28),
+                           compile="default")  # fmt: skip
+    measure_block_seconds(learner, make_batches(1)[0], steps=1)
+    assert learner.compiled is not None and learner.compiled.compiles(8) and learner.compile_seconds == 0
+
+
 def test_parallel_modes_need_torchrun(capsys):
     assert main(["train", "--parallel", "pipeline", "--dataset", "synthetic", "--max-steps", "1"]) == 2
     assert "torchrun" in capsys.readouterr().err

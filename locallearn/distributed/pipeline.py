@@ -75,10 +75,13 @@ def balance(costs: list[float], stages: int) -> list[int]:
 def measure_block_seconds(learner: Any, batch: Batch, steps: int = 2) -> list[float]:
     """Seconds of one training step of each block (forward, local loss, backward, optimizer) on ``batch``, the mean
     over ``steps`` after one warm-up step. The learner's whole state is restored afterwards, so measuring changes
-    no result."""
+    no result. A compiled learner's blocks are timed eagerly: compiling here, on rank 0 alone, would take the
+    compiling out of the first training step on that rank only, and the stages' compile handshake after that step
+    would wait forever (and the relative cost of the blocks is what the balance needs)."""
     import copy
 
     saved = copy.deepcopy(learner.state_dict())
+    compiled, learner.compiled = learner.compiled, None
     seconds = [0.0] * len(learner.blocks)
     for step in range(steps + 1):
         h = batch.x
@@ -91,6 +94,7 @@ def measure_block_seconds(learner: Any, batch: Batch, steps: int = 2) -> list[fl
                 seconds[k] += (time.perf_counter() - start) / steps
         # train_blocks advanced the step counter once per block; the restore below resets it
     learner.load_state_dict(saved)
+    learner.compiled = compiled
     return seconds
 
 
