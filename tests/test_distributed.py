@@ -16,9 +16,15 @@ import pytest
 
 from locallearn import LocalLearner, create_model
 from locallearn.cli import main
-from locallearn.distributed.pipeline import balance, grid_position, measure_block_seconds, stage_state_keys
+from locallearn.distributed.pipeline import (
+    balance,
+    checkpoint_pipeline_state,
+    grid_position,
+    measure_block_seconds,
+    stage_state_keys,
+)
 from locallearn.durable import verify
-from locallearn.errors import UserError
+from locallearn.errors import CheckpointError, UserError
 from locallearn.methods import any_model_methods
 from locallearn.metrics import fingerprint
 from tests.conftest import make_batches
@@ -267,6 +273,19 @@ def test_data_parallel_train_accuracy_is_the_whole_batch_not_one_shard():
 
 
 # -- a grid of pipeline stages x data-parallel replicas --------------------------------------------------------------
+def test_a_pipelined_checkpoint_resumes_only_on_the_pipeline_that_wrote_it():
+    """Each rank gets its own state back from a checkpoint of the same shape; a sequential checkpoint (no pipeline
+    states) resumes from its weights; any other shape is refused by name instead of resuming inexactly."""
+    states = [{"starts": [0, 2], "replicas": 2, "rank": r} for r in range(4)]
+    assert checkpoint_pipeline_state(states, 3, 4, [0, 2], 2)["rank"] == 3
+    assert checkpoint_pipeline_state(None, 1, 2, [0, 2], 1) is None
+    old = [{"starts": [0, 2], "rank": r} for r in range(2)]  # written before the grid: no "replicas" key
+    assert checkpoint_pipeline_state(old, 1, 2, [0, 2], 1)["rank"] == 1
+    for rank, world, starts, replicas in ((0, 2, [0, 2], 1), (0, 4, [0, 1], 2), (1, 4, [0, 2], 1), (0, 8, [0, 2], 4)):
+        with pytest.raises(CheckpointError, match=r"written by pipeline stages \[0, 2\] x 2 replica\(s\) on 4 "):
+            checkpoint_pipeline_state(states, rank, world, starts, replicas)
+
+
 def test_grid_positions_and_refusals():
     assert [grid_position(r, 6, 2) for r in (0, 2, 3, 5)] == [(0, 0, 3), (2, 0, 3), (0, 1, 3), (2, 1, 3)]
     for world, replicas in ((4, 3), (2, 2), (4, 0)):  # not a divisor; one stage per replica; none

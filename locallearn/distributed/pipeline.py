@@ -130,6 +130,27 @@ def grid_position(rank: int, world: int, replicas: int) -> tuple[int, int, int]:
     return rank % stages, rank // stages, stages
 
 
+def checkpoint_pipeline_state(
+    states: list[dict[str, Any]] | None, rank: int, world: int, starts: list[int], replicas: int
+) -> dict[str, Any] | None:
+    """This rank's pipeline state in a checkpoint's per-rank ``states`` (None: a checkpoint of a run that was not
+    pipelined, which a pipeline resumes from its weights as they are). A pipelined checkpoint resumes exactly only on
+    the pipeline that wrote it, so another shape — other stage boundaries, replicas or number of processes — is a
+    :class:`CheckpointError` naming both, where falling back to the weights alone would lose each rank's RNG state
+    and, at ``--staleness`` > 0, the parameter versions in flight, without a word."""
+    if states is None:
+        return None
+    written = states[0]
+    wrote = f"{written['starts']} x {written.get('replicas', 1)} replica(s) on {len(states)} process(es)"
+    if len(states) != world or written["starts"] != starts or written.get("replicas", 1) != replicas:
+        raise CheckpointError(
+            f"the checkpoint was written by pipeline stages {wrote}, this run has {starts} x {replicas} replica(s) on "
+            f"{world} process(es): resume with the same --dist.stages, --dist.replicas and number of processes (or "
+            "from a checkpoint of a run that was not pipelined)"
+        )
+    return states[rank]
+
+
 class PipelineStage:
     """This process's stage of a pipelined learner: blocks ``starts[stage] .. starts[stage+1]-1``.
 
@@ -464,18 +485,12 @@ class PipelineStage:
 
     @torch.no_grad()
     def restore_pipeline_state(self, state: dict[str, Any] | None) -> None:
-        """After ``learner.load_state_dict``: this stage's pipeline state from a pipelined checkpoint, or, from a
-        sequential one, the copy of the next stage's layer as the checkpoint holds it (version step−1) and nothing
-        pending."""
+        """After ``learner.load_state_dict``: this stage's pipeline state from a pipelined checkpoint of the same shape
+        (:func:`checkpoint_pipeline_state`), or, from a sequential one (None), the copy of the next stage's layer as
+        the checkpoint holds it (version step−1) and nothing pending."""
         if state is None:
             self.applied, self.pending = self.learner.step - 1, []
             return
-        if state["starts"] != self.starts or state.get("replicas", 1) != self.replicas:
-            raise CheckpointError(
-                f"the checkpoint was written by pipeline stages {state['starts']} x {state.get('replicas', 1)} "
-                f"replica(s), this run has {self.starts} x {self.replicas}: resume with the same --dist.stages and "
-                "--dist.replicas"
-            )
         self.applied = int(state["applied"])
         device = self.learner.device
         self.pending = [t.to(device) for t in state["pending"]]

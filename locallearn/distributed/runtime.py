@@ -16,7 +16,7 @@ from torch import Tensor
 from locallearn.data import as_batch
 from locallearn.distributed.context import DistContext
 from locallearn.distributed.data_parallel import DataParallel, gather_to_writer
-from locallearn.distributed.pipeline import IN_FLIGHT, PipelineStage
+from locallearn.distributed.pipeline import IN_FLIGHT, PipelineStage, checkpoint_pipeline_state
 from locallearn.metrics import fingerprint
 from locallearn.rng import rng_state, set_rng_state
 
@@ -137,9 +137,10 @@ class PipelineRun(Sequential):
         return {"pipeline": pipeline}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        states = ckpt.get("pipeline")
-        state = states[self.ctx.rank] if states is not None and len(states) == self.ctx.world else None
-        self.stage.restore_pipeline_state(state)
+        stage = self.stage
+        state = checkpoint_pipeline_state(ckpt.get("pipeline"), self.ctx.rank, self.ctx.world, stage.starts,
+                                          stage.replicas)  # fmt: skip
+        stage.restore_pipeline_state(state)
 
     def finish(self, signum: int = 0) -> None:
         self.stage.stop(signum)
