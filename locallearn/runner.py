@@ -243,7 +243,7 @@ def _make_executor(mode, cfg: RunConfig, learner: LocalLearner, ctx, train_loade
             )
         starts = broadcast_object(starts)
     return runtime.PipelineRun(learner, ctx, list(starts), cfg.dist.staleness, cfg.dist.replicas, cfg.dist.overlap,
-                               cfg.dist.in_flight)  # fmt: skip
+                               cfg.dist.in_flight, stats_every=cfg.train.log_every)  # fmt: skip
 
 
 @dataclass
@@ -576,8 +576,13 @@ def _train_epoch(
     every = cfg.train.checkpoint_every
     sinks = sinks or Sink()
 
+    def late_stats(wait: bool) -> None:  # a pipeline's later stages' step statistics, arriving steps behind
+        for step, late in executor.step_stats(wait):
+            sinks.block_stats(step, late)
+
     def bank() -> None:  # move the epoch's time and running sums into progress (before a save, at the end)
         learner.check_nonfinite()  # "stop" stops here, before a checkpoint could hold a non-finite step
+        late_stats(wait=True)  # every step's scalars are written before the checkpoint of that step
         _sync(learner)
         progress.epoch_seconds += time.perf_counter() - start
         progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
@@ -589,6 +594,7 @@ def _train_epoch(
         stats = executor.train_step(batch)
         means.update(stats)
         sinks.train_step(learner, stats)  # TensorBoard: every --log-every steps
+        late_stats(wait=False)
         progress.batch += 1
         if learner.compile_seconds != compiled_before:  # the step that compiled the blocks is not training throughput
             start += learner.compile_seconds - compiled_before

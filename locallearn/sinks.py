@@ -23,6 +23,10 @@ class Sink:
     def train_step(self, learner: Any, stats: dict[str, Any]) -> None:
         """After each training step, with its per-block statistics (device tensors)."""
 
+    def block_stats(self, step: int, stats: dict[str, float]) -> None:
+        """Per-block statistics of an earlier ``step`` that arrived late: a pipeline's later stages report their
+        blocks' to rank 0 every ``--log-every`` steps, a few steps behind (:mod:`locallearn.distributed.pipeline`)."""
+
     def end_epoch(self, row: dict[str, Any], method_report: dict[str, Any], peak_bytes: int | None) -> None:
         """At each epoch end, with the epoch's ``metrics.jsonl`` row, the method's report and the epoch's peak."""
 
@@ -42,6 +46,10 @@ class Sinks(Sink):
     def train_step(self, learner: Any, stats: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.train_step(learner, stats)
+
+    def block_stats(self, step: int, stats: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.block_stats(step, stats)
 
     def end_epoch(self, row: dict[str, Any], method_report: dict[str, Any], peak_bytes: int | None) -> None:
         for sink in self.sinks:

@@ -27,8 +27,9 @@ Epoch scalars, at every epoch end, at global step = the step the epoch ended at;
 - ``method/<key>``: numeric entries of the method's own report (SoftHebb: ``method/hebb1/norm_mean``,
   ``method/hebb1/converged``, ...).
 
-Under ``--parallel pipeline`` the step scalars cover the blocks of rank 0's stage (the other stages' statistics reach
-rank 0 only at checkpoints and epoch ends); the epoch scalars cover every block.
+Under ``--parallel pipeline`` the step scalars cover every block too: the later stages send theirs to rank 0 at the
+same steps, and rank 0 writes them when they arrive (a few steps later: the stages behind it), all of them before a
+checkpoint or epoch end.
 
 A resumed run (``--resume``) appends a new event file to the same directory with ``purge_step`` = the checkpoint's
 step + 1: whatever a killed run wrote after its last checkpoint is dropped by TensorBoard, and the resumed run writes
@@ -149,6 +150,11 @@ class TensorBoardLog(NullLog):
         for k, lr in enumerate(learner.block_lrs()):
             if learner.learns(k):
                 self._add(f"block{k}/lr", float(lr), step)
+
+    def block_stats(self, step: int, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            if (tag := _block_tag(key)) is not None:
+                self._add(tag, value, step)
 
     def end_epoch(self, row: dict[str, Any], method_report: dict[str, Any], peak_bytes: int | None) -> None:
         step = row["step"]

@@ -152,7 +152,8 @@ def sequential(tmp_path_factory):
     """Single-process, single-thread runs the pipelined ones must reproduce bit for bit."""
     root = tmp_path_factory.mktemp("sequential")
     methods = ("dgl", "man++")
-    return dict(zip(methods, _run_all([([sys.executable], root / m, ("--method", m)) for m in methods])))
+    runs = _run_all([([sys.executable], root / m, ("--method", m, "--log-every", "1")) for m in methods])
+    return {m: {**summary, "out": root / m} for m, summary in zip(methods, runs)}
 
 
 def test_data_parallel_ranks_hold_identical_weights_and_resume_exactly(tmp_path):
@@ -225,13 +226,14 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
 
 
 def test_pipelined_dgl_is_sequential_dgl_also_after_preemption(tmp_path, sequential):
-    """Pipelined DGL (stages balanced by measured time) ends on the single-process fingerprint; so does a pipelined
-    run stopped by SIGTERM to every process (all stages stop at one step, well inside a 30 s grace period) and
-    resumed with --resume auto."""
+    """Pipelined DGL (stages balanced by measured time) ends on the single-process fingerprint, and its TensorBoard
+    step scalars are the single-process run's for every block, the later stage's included; so does a pipelined run
+    stopped by SIGTERM to every process (all stages stop at one step, well inside a 30 s grace period) and resumed
+    with --resume auto."""
     out = tmp_path / "run"
     args = ("--method", "dgl", "--parallel", "pipeline", "--checkpoint-every", "2")
     proc = _start(out, *args)
-    whole = _start(tmp_path / "whole", *args)  # side by side: one thread per process, results do not depend on load
+    whole = _start(tmp_path / "whole", *args, "--log-every", "1")  # side by side: one thread per process
     _wait_for(out / "checkpoints" / "step-000000004.json", proc)
     signalled = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)  # every process: torchrun's agent and both stages
@@ -244,9 +246,22 @@ def test_pipelined_dgl_is_sequential_dgl_also_after_preemption(tmp_path, sequent
     assert uninterrupted["pipeline_stages"] in ([[0], [1, 2]], [[0, 1], [2]])
     assert uninterrupted["fingerprint"] == sequential["dgl"]["fingerprint"]
     assert uninterrupted["block_accuracies"] == sequential["dgl"]["block_accuracies"]
+    steps = _step_scalars(tmp_path / "whole" / "tensorboard")
+    assert sorted(steps) == [f"block{k}/{name}" for k in range(3) for name in ("loss", "train_accuracy")]
+    assert all([step for step, _ in points] == list(range(1, 7)) for points in steps.values())
+    assert steps == _step_scalars(sequential["dgl"]["out"] / "tensorboard")
     summary = _run(DIRECT, out, *args, "--resume", "auto")
     assert summary["resumed_from"] is not None
     assert summary["fingerprint"] == sequential["dgl"]["fingerprint"]
+
+
+def _step_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The per-block step scalars (``block{k}/loss``, ``block{k}/train_accuracy``) of a run's event files."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("block") and t.endswith(("/loss", "/train_accuracy"))]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
 
 
 def _accuracy_rank(rank: int, port: int, results) -> None:

@@ -58,7 +58,8 @@ from locallearn.rng import rng_state, set_rng_state
 TRAIN, EVAL, EVAL_END, GATHER, STOP = 1, 2, 3, 4, 5
 HEADER = 14  # [command, arg, dtype, channels_last, has_raw, ndim, d0 .. d5, soft classes (0: none), soft dtype]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT, TAG_SOFT, TAG_COMPILED = 1, 2, 3, 4, 5, 6, 7
+TAG_HEADER, TAG_H, TAG_Y, TAG_RAW, TAG_SNAPSHOT, TAG_SOFT, TAG_COMPILED, TAG_STATS = 1, 2, 3, 4, 5, 6, 7, 8
+STEP_STATS = ("loss", "acc", "clip")  # a block's statistics of one step that a later stage reports to rank 0
 IN_FLIGHT = 2  # default: micro-batches a stage may run ahead of the next one (bounds the memory of unsent outputs)
 
 
@@ -182,6 +183,7 @@ class PipelineStage:
         replicas: int = 1,
         overlap: bool = True,
         in_flight: int = IN_FLIGHT,
+        stats_every: int = 0,
     ) -> None:
         k = len(learner.blocks)
         stage, replica, stages = grid_position(ctx.rank, ctx.world, replicas)
@@ -232,6 +234,11 @@ class PipelineStage:
         self.waits = {"input": 0.0, "versions": 0.0, "backpressure": 0.0}
         self.model_keys, self.method_keys = stage_state_keys(learner, self.blocks)
         self.prev, self.next = ctx.rank - 1, ctx.rank + 1  # my replica's stages before and after mine
+        # every stats_every steps replica 0's later stages send their blocks' step statistics to rank 0 (the step
+        # scalars of TensorBoard), which receives them without waiting: (step, stage, work, buffer) in order
+        self.stats_every = stats_every
+        self.stats_recvs: list[tuple[int, int, Any, Tensor]] = []
+        self.stats_sends: list[tuple[Any, Tensor]] = []
 
     # -- messages ----------------------------------------------------------------------------------------------------
     def _send(
@@ -389,7 +396,50 @@ class PipelineStage:
         learner = self.learner
         learner.build(tuple(batch.x.shape[1:]))
         batch = learner.prepare_batch(batch)  # mixed here once: the soft targets travel with the activations
-        return self._train(batch, batch.x)
+        stats = self._train(batch, batch.x)
+        if self.ctx.rank == 0 and self._reports_stats():
+            for stage in range(1, self.stages):  # replica 0's stage s is rank s
+                buffer = torch.empty(2 * len(STEP_STATS) * self._stage_blocks(stage), dtype=torch.float64,
+                                     device=self._wire_device)  # fmt: skip
+                work = dist.irecv(buffer, stage, tag=TAG_STATS)
+                self.stats_recvs.append((learner.step, stage, work, buffer))
+        return stats
+
+    # -- the later stages' step statistics, for rank 0's step scalars ------------------------------------------------
+    def _reports_stats(self) -> bool:
+        return self.replica == 0 and self.stats_every > 0 and self.learner.step % self.stats_every == 0
+
+    def _stage_blocks(self, stage: int) -> int:
+        return self.starts[stage + 1] - self.starts[stage]
+
+    def _send_step_stats(self, stats: dict[str, Tensor]) -> None:
+        """Send my blocks' statistics of this step to rank 0: (present, value) per block and name of STEP_STATS."""
+        device = self._wire_device
+        present, absent = torch.ones((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64,
+                                                                                         device=device)  # fmt: skip
+        parts = []
+        for k in self.blocks:
+            for name in STEP_STATS:
+                value = stats.get(f"{name}/{k}")  # no host read: the values travel as they are on the device
+                parts += [absent, absent] if value is None else [present, value.detach().to(device, torch.float64)]
+        buffer = torch.stack(parts)
+        self.stats_sends = [(work, sent) for work, sent in self.stats_sends if not work.is_completed()]
+        self.stats_sends.append((dist.isend(buffer, 0, tag=TAG_STATS), buffer))
+
+    def step_stats(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """Rank 0: the later stages' step statistics that have arrived, oldest first, as ``(step, {"loss/k": ...})``
+        (all of them, waiting, with ``wait``). They arrive a few steps after rank 0's own (the stages behind it)."""
+        done = []
+        while self.stats_recvs:
+            step, stage, work, buffer = self.stats_recvs[0]
+            if not wait and not work.is_completed():
+                break
+            work.wait()
+            self.stats_recvs.pop(0)
+            flat = buffer.cpu().view(-1, 2).tolist()
+            names = [f"{name}/{k}" for k in range(self.starts[stage], self.starts[stage + 1]) for name in STEP_STATS]
+            done.append((step, {key: value for key, (present, value) in zip(names, flat) if present}))
+        return done
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict:
@@ -418,6 +468,8 @@ class PipelineStage:
             command, arg, h, y, raw, soft = self._recv()
             if command == TRAIN:
                 stats = self._train(Batch(h, y, raw, soft), h)
+                if self._reports_stats():
+                    self._send_step_stats(stats)
                 for key, value in stats.items():
                     self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
                 self.count += 1
@@ -557,3 +609,7 @@ class PipelineStage:
         for work, _ in self.snapshot_sends:
             work.wait()
         self.snapshot_sends = []
+        for work, _ in self.stats_sends:
+            work.wait()
+        self.stats_sends = []
+        self.step_stats(wait=True)  # rank 0: what the runner did not take (a run stopped between log steps)

@@ -59,6 +59,11 @@ class Sequential:
     def summary_extra(self) -> dict[str, Any]:
         return {}
 
+    def step_stats(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """Statistics of earlier steps of blocks this process's loop did not train (a pipeline's later stages), as
+        ``(step, {"loss/k": value, ...})`` once they have arrived (all of them with ``wait``); none here."""
+        return []
+
 
 class DataParallelRun(Sequential):
     """Every rank trains all blocks on its shard; rank 0 writes. Checkpoints hold every rank's RNG state."""
@@ -112,10 +117,11 @@ class PipelineRun(Sequential):
         replicas: int = 1,
         overlap: bool = True,
         in_flight: int = IN_FLIGHT,
+        stats_every: int = 0,
     ) -> None:
         super().__init__(learner)
         self.ctx = ctx
-        self.stage = PipelineStage(learner, ctx, starts, staleness, replicas, overlap, in_flight)
+        self.stage = PipelineStage(learner, ctx, starts, staleness, replicas, overlap, in_flight, stats_every)
         self.writer = ctx.is_writer
         self.drives = self.stage.stage == 0  # each replica's stage 0 runs the loop; the other stages serve
         self.images_factor = replicas
@@ -141,6 +147,9 @@ class PipelineRun(Sequential):
         state = checkpoint_pipeline_state(ckpt.get("pipeline"), self.ctx.rank, self.ctx.world, stage.starts,
                                           stage.replicas)  # fmt: skip
         stage.restore_pipeline_state(state)
+
+    def step_stats(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        return self.stage.step_stats(wait)
 
     def finish(self, signum: int = 0) -> None:
         self.stage.stop(signum)
