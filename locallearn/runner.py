@@ -582,10 +582,10 @@ def _train_epoch(
 
     def bank() -> None:  # move the epoch's time and running sums into progress (before a save, at the end)
         learner.check_nonfinite()  # "stop" stops here, before a checkpoint could hold a non-finite step
-        late_stats(wait=True)  # every step's scalars are written before the checkpoint of that step
         _sync(learner)
         progress.epoch_seconds += time.perf_counter() - start
         progress.epoch_sums, progress.epoch_count = dict(means.sums), means.count
+        late_stats(wait=True)  # every step's scalars are written before the checkpoint of that step (not timed)
 
     for done, batch in enumerate(loader, start=1):
         if done > left:

@@ -420,7 +420,7 @@ class PipelineStage:
         parts = []
         for k in self.blocks:
             for name in STEP_STATS:
-                value = stats.get(f"{name}/{k}")  # no host read: the values travel as they are on the device
+                value = stats.get(f"{name}/{k}")  # over NCCL no host read: the values travel from the device
                 parts += [absent, absent] if value is None else [present, value.detach().to(device, torch.float64)]
         buffer = torch.stack(parts)
         self.stats_sends = [(work, sent) for work, sent in self.stats_sends if not work.is_completed()]
