@@ -20,6 +20,7 @@ AVX-512 CPU for the third variant.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import re
 import statistics
@@ -56,7 +57,7 @@ def mask_kernels(module) -> dict[str, tuple[list[str], str]]:
     text = open(module.__file__).read()
     found = {}
     for m in re.finditer(r"^(\w+) = async_compile\.cpp_pybinding\((\[.*?\]), r'''(.*?)'''\)", text, re.S | re.M):
-        name, types, src = m.group(1), eval(m.group(2)), m.group(3)  # noqa: S307 - a list literal inductor wrote
+        name, types, src = m.group(1), ast.literal_eval(m.group(2)), m.group(3)  # the argument types inductor wrote
         if "bool*" in types and "VecMask<float,1>" in src and STORE.search(src):
             found[name] = (types, src)
     return found
