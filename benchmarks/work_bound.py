@@ -6,16 +6,17 @@ batch and 1/N of the blocks, each with its auxiliary net. With communication fre
 workers trains ``N × (B/N) / T_e2e(B/N)`` images per second and a pipeline ``B / T_stage`` where ``T_stage`` is its
 slowest stage's step time. So
 
-    pipelined ÷ E2E DP  ≤  T_e2e(B/N) / max over stages of T_stage(B)
+    pipelined ÷ ideal E2E DP  ≤  T_e2e(B/N) / max over stages of T_stage(B)
 
-is a ceiling no schedule, overlap or staleness can lift; and ``N × T_e2e(B/N) / T_method(B)`` is the ceiling of any
-cuts at all, however fine (stages that share the method's step evenly). Both sides are measured here, on one thread
-(what each of the benchmark's N × 1 processes has), in one process, one step of each learner in turn (run-to-run
-drift on a shared VM is larger than the effects measured); medians of ``--rounds`` steps. ``T_stage`` is the sum of
-its blocks' shares of the method's step (forward, auxiliary net and local loss, backward, optimizer step;
-:func:`locallearn.distributed.pipeline.measure_block_seconds`), at the best contiguous cuts for them (the pipeline's
-own ``balance``). The whole-step ratio
-``T_e2e(B) / T_method(B)`` is printed too: what the method's extra arithmetic costs against E2E on the same batch.
+is a ceiling no schedule, overlap or staleness can lift (a real E2E DP runs below its ideal: its processes meet at an
+all-reduce every step, so the ratio to a measured E2E DP can read higher); and ``N × T_e2e(B/N) / T_method(B)`` is
+the ceiling of any cuts at all, however fine (stages that share the method's step evenly). Both sides are measured
+here, on one thread (what each of the benchmark's N × 1 processes has), in one process, one step of each learner in
+turn (run-to-run drift on a shared VM is larger than the effects measured); medians of ``--rounds`` steps.
+``T_stage`` is the sum of its blocks' shares of the method's step (forward, auxiliary net and local loss, backward,
+optimizer step; :func:`locallearn.distributed.pipeline.measure_block_seconds`), at the best contiguous cuts for them
+(the pipeline's own ``balance``). The whole-step ratio ``T_e2e(B) / T_method(B)`` is printed too: what the method's
+extra arithmetic costs against E2E on the same batch.
 
     OMP_NUM_THREADS=1 python benchmarks/work_bound.py --methods dgl dgl+man infopro+man --K 4 --stages 2
 """
