@@ -415,8 +415,8 @@ class PipelineStage:
     def _send_step_stats(self, stats: dict[str, Tensor]) -> None:
         """Send my blocks' statistics of this step to rank 0: (present, value) per block and name of STEP_STATS."""
         device = self._wire_device
-        present, absent = torch.ones((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64,
-                                                                                         device=device)  # fmt: skip
+        present = torch.ones((), dtype=torch.float64, device=device)
+        absent = torch.zeros((), dtype=torch.float64, device=device)
         parts = []
         for k in self.blocks:
             for name in STEP_STATS:
